@@ -1,0 +1,186 @@
+"""Model and dataset cards, rendered from the Jinja templates in ``cards/``.
+
+The YAML front matter is built by huggingface_hub's card-data classes, so the Hub (and the local hub)
+understands it: ``base_model``, ``library_name: peft``, ``tags``, ``pipeline_tag`` and a
+``model-index`` holding the perplexities as :class:`~huggingface_hub.EvalResult` entries.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
+
+from ._config import EXPERTS_FILENAME, ExpertRecord, RegistryManifest
+from ._version import __version__
+
+EXPERT_TEMPLATE = "expert_card.md"
+REGISTRY_TEMPLATE = "registry_card.md"
+
+
+def cards_dir() -> Path:
+    """The folder of card templates: inside the installed wheel, or ``cards/`` of a source checkout."""
+    packaged = resources.files("moin_hub") / "cards"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "cards"
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(cards_dir())),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,  # markdown, not HTML
+    )
+
+
+def _render(template: str, **context: Any) -> str:
+    text = _environment().get_template(template).render(**context)
+    return re.sub(r"\n{3,}", "\n\n", text)  # never leave triple blank lines behind conditionals
+
+
+def human_size(num_bytes: int) -> str:
+    """``1536000`` -> ``'1.5 MB'``."""
+    size = float(num_bytes)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def registry_tag(registry_id: str) -> str:
+    """The tag that marks an expert repo as a member of ``registry_id`` (filterable with list_models)."""
+    return f"moin-registry:{registry_id}"
+
+
+def expert_card(record: ExpertRecord, manifest: RegistryManifest, *, registry_id: str, endpoint: str,
+                samples: list[str], eval_tokens: int = 0) -> ModelCard:
+    """Render the model card of an expert repo.
+
+    Args:
+        record: the expert's registry row (its ``revision`` is not used: the card is part of that commit).
+        manifest: the registry's manifest (base model, embedder).
+        registry_id: the registry the expert is pushed into.
+        endpoint: the Hub endpoint, for links.
+        samples: a few sample documents of the topic.
+        eval_tokens: held-out tokens behind the perplexities.
+
+    Returns:
+        A :class:`~huggingface_hub.ModelCard` whose ``data`` holds the Hub metadata.
+    """
+    eval_results = []
+    dataset = {"dataset_type": "moin-heldout", "dataset_name": f"held-out documents of topic {record.expert_id}"}
+    for name, value in (("expert", record.perplexity), ("base model", record.base_perplexity)):
+        if value is not None:
+            eval_results.append(EvalResult(
+                task_type="text-generation", task_name="Language modelling", metric_type="perplexity",
+                metric_name=f"Perplexity ({name})", metric_value=round(value, 4), **dataset,
+            ))
+    card_data = ModelCardData(
+        base_model=manifest.base_model.repo_id,
+        library_name="peft",
+        pipeline_tag="text-generation",
+        license="apache-2.0",
+        tags=["moin", "moin-expert", "lora", "peft", registry_tag(registry_id)],
+        model_name=record.repo_id.split("/")[-1],
+        eval_results=eval_results or None,
+        moin={
+            "registry": registry_id,
+            "expert_id": record.expert_id,
+            "keywords": list(record.keywords),
+            "base_model_revision": manifest.base_model.revision,
+            "embedder": manifest.embedder.repo_id,
+            "embedder_revision": manifest.embedder.revision,
+        },
+    )
+    title = record.title or f"MoIN expert `{record.expert_id}`" + (
+        f": {', '.join(record.keywords[:4])}" if record.keywords else ""
+    )
+    content = _render(
+        EXPERT_TEMPLATE,
+        card_data=card_data.to_yaml(),
+        title=title,
+        endpoint=endpoint,
+        registry_id=registry_id,
+        repo_id=record.repo_id,
+        expert_id=record.expert_id,
+        keywords=list(record.keywords),
+        n_docs=record.n_docs,
+        n_tokens=record.n_tokens,
+        base_model=manifest.base_model.repo_id,
+        base_revision=manifest.base_model.revision,
+        embedder_id=manifest.embedder.repo_id,
+        embedder_revision=manifest.embedder.revision,
+        embedder_dim=manifest.embedder.dim,
+        lora_rank=record.lora_rank,
+        lora_alpha=record.lora_alpha,
+        target_modules=list(record.target_modules),
+        adapter_size=human_size(record.adapter_bytes),
+        perplexity=record.perplexity,
+        base_perplexity=record.base_perplexity,
+        eval_tokens=eval_tokens,
+        samples=samples,
+        centroid_head="[" + ", ".join(f"{x:.4f}" for x in record.centroid[:6]) + ", ...]",
+        created_by=f"moin-hub {__version__}",
+    )
+    return ModelCard(content)
+
+
+def registry_card(manifest: RegistryManifest, experts: list[ExpertRecord], *, registry_id: str,
+                  endpoint: str) -> DatasetCard:
+    """Render the dataset card of a registry: what it is, its experts table, how to use it."""
+    card_data = DatasetCardData(
+        license="apache-2.0",
+        pretty_name=f"MoIN registry {registry_id}",
+        tags=["moin", "moin-registry", "lora", "peft"],
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": EXPERTS_FILENAME}]}],
+        moin={
+            "format_version": manifest.format_version,
+            "base_model": manifest.base_model.repo_id,
+            "embedder": manifest.embedder.repo_id,
+        },
+    )
+    rows = []
+    for record in sorted(experts, key=lambda r: r.expert_id):
+        if record.perplexity is not None and record.base_perplexity is not None:
+            ppl = f"{record.base_perplexity:.2f} → {record.perplexity:.2f}"
+        elif record.perplexity is not None:
+            ppl = f"? → {record.perplexity:.2f}"
+        else:
+            ppl = "n/a"
+        rows.append({
+            "expert_id": record.expert_id,
+            "repo_id": record.repo_id,
+            "keywords": [k.replace("|", "/") for k in record.keywords],
+            "n_docs": record.n_docs,
+            "ppl": ppl,
+            "size": human_size(record.adapter_bytes),
+            "revision": record.revision,
+        })
+    content = _render(
+        REGISTRY_TEMPLATE,
+        card_data=card_data.to_yaml(),
+        registry_id=registry_id,
+        endpoint=endpoint,
+        description=manifest.description,
+        base_model=manifest.base_model.repo_id,
+        base_revision=manifest.base_model.revision,
+        embedder_id=manifest.embedder.repo_id,
+        embedder_revision=manifest.embedder.revision,
+        embedder_dim=manifest.embedder.dim,
+        distance=manifest.distance,
+        format_version=manifest.format_version,
+        experts=rows,
+        created_by=f"moin-hub {__version__}",
+    )
+    return DatasetCard(content)

@@ -1,0 +1,80 @@
+"""Load the registry's base model (pinned, safetensors only) with a pulled expert applied through PEFT."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from ._config import PinnedModel
+from ._embed import download_model_dir
+from ._hub import resolve_endpoint
+from ._pull import PullResult
+from .errors import MoinHubError
+
+#: PEFT adapter names are prefixed so that no adapter name is a substring of a module name
+#: (peft's hotswap matches keys by substring; see OFFLINE_ASSETS.md).
+ADAPTER_PREFIX = "moin__"
+
+
+def adapter_name(expert_id: str) -> str:
+    """The PEFT adapter name of an expert: ``moin__<expert_id>`` with dots replaced (PEFT forbids them)."""
+    return ADAPTER_PREFIX + expert_id.replace(".", "_")
+
+
+@functools.lru_cache(maxsize=2)
+def _base_dir(endpoint: str, repo_id: str, revision: str, token: str | bool | None) -> Path:
+    return download_model_dir(repo_id, revision, endpoint=endpoint, token=token)
+
+
+def load_base_model(base: PinnedModel, *, endpoint: str | None = None, token: str | bool | None = None,
+                    dtype: Any = None, device: str | None = None) -> tuple[Any, Any]:
+    """Download (once) and load a pinned base model and its tokenizer: safetensors only, no remote code.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _base_dir(resolve_endpoint(endpoint), base.repo_id, base.revision, token)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, use_safetensors=True,
+                                                 trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    if device:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def load_expert(pulled: PullResult, *, base_model: Any = None, tokenizer: Any = None, dtype: Any = None,
+                device: str | None = None, return_tokenizer: bool = False) -> Any:
+    """The registry's base model with the pulled expert applied (a ``peft.PeftModel``).
+
+    Args:
+        pulled: the result of :func:`moin_hub.pull`.
+        base_model: an already loaded base model to wrap (default: download the registry's pinned base).
+        tokenizer: its tokenizer, returned as is when ``return_tokenizer``.
+        dtype / device: for a base model loaded here.
+        return_tokenizer: return ``(model, tokenizer)`` instead of the model.
+
+    Raises:
+        MoinHubError: the adapter matches no module of the base model (it would silently act as the base).
+
+    Example:
+        >>> model, tok = load_expert(pull("a question", registry="acme/reg"), return_tokenizer=True)  # doctest: +SKIP
+    """
+    from peft import PeftModel
+
+    registry = pulled.registry
+    if base_model is None:
+        base_model, tokenizer = load_base_model(registry.manifest.base_model, endpoint=registry.endpoint,
+                                                token=registry.token, dtype=dtype, device=device)
+    name = adapter_name(pulled.expert.expert_id)
+    model = PeftModel.from_pretrained(base_model, str(pulled.path), adapter_name=name, is_trainable=False,
+                                      use_safetensors=True)
+    n_lora = sum(1 for key, _ in model.named_parameters() if f"lora_A.{name}" in key)
+    if n_lora == 0:
+        raise MoinHubError(f"Expert {pulled.expert.repo_id!r} matches no module of the base model; "
+                           "it would act as the plain base model.")
+    model.eval()
+    return (model, tokenizer) if return_tokenizer else model

@@ -1,0 +1,130 @@
+"""Download an expert at its pinned commit and verify every file against the registry's sha256."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._config import ADAPTER_CONFIG_FILENAME, ADAPTER_WEIGHTS_FILENAME, ExpertRecord
+from ._expert import refuse_pickles
+from ._hub import RepositoryNotFoundError, RevisionNotFoundError, download_file, sha256_file
+from ._registry import Registry
+from ._router import Router, RouteResult
+from .errors import ExpertNotFoundError, IntegrityError, InvalidRegistryError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """A downloaded, verified expert and how it was chosen."""
+
+    expert: ExpertRecord
+    path: Path
+    registry: Registry
+    route: RouteResult | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        data: dict[str, object] = {
+            "expert_id": self.expert.expert_id,
+            "repo_id": self.expert.repo_id,
+            "revision": self.expert.revision,
+            "path": str(self.path),
+            "registry": self.registry.registry_id,
+            "registry_revision": self.registry.revision,
+            "verified_files": [f.path for f in self.expert.files],
+        }
+        if self.route is not None:
+            data["route"] = self.route.to_dict()
+        return data
+
+
+def _verified_download(record: ExpertRecord, name: str, expected: str, *, endpoint: str,
+                       token: str | bool | None, local_dir: str | Path | None) -> Path:
+    """Download one file at the pinned commit; re-download once if the cached copy is corrupt."""
+    for force in (False, True):
+        path = download_file(record.repo_id, name, revision=record.revision, endpoint=endpoint, token=token,
+                             local_dir=local_dir, force_download=force)
+        actual = sha256_file(path)
+        if actual == expected:
+            return path
+        logger.warning("%s@%s:%s has sha256 %s, expected %s%s", record.repo_id, record.revision[:12], name,
+                       actual[:12], expected[:12], "" if force else "; downloading it again")
+    raise IntegrityError(repo_id=record.repo_id, revision=record.revision, path=name, expected=expected,
+                         actual=actual)
+
+
+def download_expert(record: ExpertRecord, *, endpoint: str, token: str | bool | None = None,
+                    local_dir: str | Path | None = None) -> Path:
+    """Download the verified files of an expert at its pinned commit; return the folder holding them.
+
+    Files go to the standard HF cache (``local_dir=None``) or to ``local_dir``.
+
+    Raises:
+        ExpertNotFoundError: the repo or the pinned commit is gone.
+        IntegrityError: a file's sha256 differs from the registry's record (even after re-downloading).
+        UnsafeFileError: the record lists a pickle.
+        InvalidRegistryError: the record lists no adapter files.
+    """
+    digests = record.digests
+    for required in (ADAPTER_CONFIG_FILENAME, ADAPTER_WEIGHTS_FILENAME):
+        if required not in digests:
+            raise InvalidRegistryError("?", f"expert {record.expert_id!r} lists no sha256 for {required}")
+    refuse_pickles(list(digests), where=record.repo_id)
+    paths = []
+    try:
+        for name, expected in digests.items():
+            paths.append(_verified_download(record, name, expected, endpoint=endpoint, token=token,
+                                            local_dir=local_dir))
+    except RepositoryNotFoundError:
+        raise ExpertNotFoundError(record.repo_id, revision=record.revision,
+                                  reason="its Hub repo is gone (deleted, renamed or private)") from None
+    except RevisionNotFoundError:
+        raise ExpertNotFoundError(record.repo_id, revision=record.revision,
+                                  reason="the pinned commit no longer exists in its repo") from None
+    return paths[0].parent
+
+
+def pull(query: str | None = None, *, registry: str | Registry, expert: str | None = None, k: int = 3,
+         local_dir: str | Path | None = None, revision: str | None = None, endpoint: str | None = None,
+         token: str | bool | None = None, router: Router | None = None) -> PullResult:
+    """Route ``query`` (or take ``expert``), then download and verify that expert.
+
+    Args:
+        query: text to route; the nearest expert is pulled.
+        registry: registry id (``"org/name"``) or a loaded :class:`Registry`.
+        expert: pull this expert id or repo id instead of routing.
+        k: how many routes to report (the best is pulled).
+        local_dir: download into this folder instead of the HF cache.
+        revision: registry revision (default: head of main).
+        endpoint / token: Hub settings.
+        router: reuse a router (and its loaded embedder).
+
+    Returns:
+        A :class:`PullResult` with the local folder of the verified adapter.
+
+    Raises:
+        EmptyQueryError, ExpertNotFoundError, IntegrityError, RegistryNotFoundError.
+
+    Example:
+        >>> result = pull("Who won the cup final?", registry="acme/moin-registry")  # doctest: +SKIP
+        >>> result.expert.expert_id, result.path  # doctest: +SKIP
+    """
+    if (query is None) == (expert is None):
+        raise ValueError("pull needs exactly one of query= or expert=.")
+    if router is not None:
+        reg = router.registry
+    elif isinstance(registry, Registry):
+        reg = registry
+    else:
+        reg = Registry.load(registry, revision=revision, endpoint=endpoint, token=token)
+    route = None
+    if query is not None:
+        route = (router or Router(reg)).route(query, k=k)
+        record = route.best.expert
+    else:
+        record = reg.get(expert)
+    path = download_expert(record, endpoint=reg.endpoint, token=token if token is not None else reg.token,
+                           local_dir=local_dir)
+    return PullResult(record, path, reg, route)

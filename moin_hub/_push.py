@@ -1,0 +1,127 @@
+"""Push one expert: its own model repo (one commit), then its row in the registry (conflict-safe).
+
+The order makes failures harmless: the expert's commit lands first, and only then does a registry row
+point at it. A push that dies between the two leaves an unregistered expert repo (rerun the push), never
+a row that points at a missing or half-written expert.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd
+
+from . import _cards
+from ._config import VERIFIED_EXPERT_FILES, ExpertRecord
+from ._expert import ExpertFolder
+from ._hub import get_api, resolve_endpoint
+from ._registry import DEFAULT_MAX_RETRIES, Registry, file_digest, update_registry, upsert_expert
+from ._validators import validate_repo_id
+from .errors import BaseModelMismatchError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What a push did: the expert's repo and commit, and the registry commit that records it."""
+
+    expert_id: str
+    repo_id: str
+    revision: str
+    url: str
+    registry_id: str
+    registry_revision: str
+    n_experts: int
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _check_base_model(folder: ExpertFolder, registry: Registry, repo_id: str) -> None:
+    expected = registry.manifest.base_model.repo_id
+    if folder.lora.base_model != expected:
+        raise BaseModelMismatchError(expected=expected, actual=folder.lora.base_model, repo_id=repo_id)
+
+
+def _card_text(record: ExpertRecord, folder: ExpertFolder, registry: Registry) -> str:
+    """The rendered card; a failure to render warns and falls back to a minimal card (never aborts)."""
+    try:
+        card = _cards.expert_card(record, registry.manifest, registry_id=registry.registry_id,
+                                  endpoint=registry.endpoint, samples=folder.metadata.samples[:3],
+                                  eval_tokens=folder.metadata.eval_tokens)
+        return str(card)
+    except Exception as err:  # noqa: BLE001 - card enrichment must never abort a push
+        warnings.warn(f"Could not render the full card of {record.repo_id}: {err}; pushing a minimal card.",
+                      stacklevel=3)
+        return (f"---\nbase_model: {registry.manifest.base_model.repo_id}\nlibrary_name: peft\n"
+                f"tags:\n- moin\n- moin-expert\n---\n\n# MoIN expert {record.expert_id}\n")
+
+
+def push_expert(expert_dir: str | Path, *, registry: str, repo_id: str, expert_id: str | None = None,
+                private: bool = False, commit_message: str | None = None, endpoint: str | None = None,
+                token: str | bool | None = None, max_retries: int = DEFAULT_MAX_RETRIES) -> PushResult:
+    """Push an expert folder as its own model repo and add (or update) its registry row.
+
+    Args:
+        expert_dir: folder with ``adapter_config.json``, ``adapter_model.safetensors``,
+            ``centroid.safetensors`` and ``moin_expert.json``.
+        registry: the registry dataset id, ``"org/name"``.
+        repo_id: the expert's model repo, ``"org/name"`` (created if missing).
+        expert_id: id in the registry (default: the folder's ``moin_expert.json`` id).
+        private: create the expert repo as private.
+        commit_message: message of the expert commit.
+        endpoint / token: Hub settings.
+        max_retries: registry update attempts when others write at the same time.
+
+    Returns:
+        A :class:`PushResult` with the expert's commit sha and the registry's new commit.
+
+    Raises:
+        InvalidExpertError / UnsafeFileError: the folder is not a valid, safe expert.
+        BaseModelMismatchError / EmbedderMismatchError: the expert does not fit the registry.
+        RegistryNotFoundError: no such registry.
+        RegistryConflictError: the registry kept moving for ``max_retries`` attempts.
+
+    Example:
+        >>> push_expert("experts/topic-03", registry="acme/moin-registry",
+        ...             repo_id="acme/moin-topic-03")  # doctest: +SKIP
+    """
+    validate_repo_id(repo_id, field="repo_id")
+    endpoint = resolve_endpoint(endpoint)
+    reg = Registry.load(registry, endpoint=endpoint, token=token)
+    folder = ExpertFolder.read(expert_dir, dim=reg.manifest.embedder.dim)
+    _check_base_model(folder, reg, repo_id)
+    meta = folder.metadata
+    expert_id = expert_id or meta.expert_id
+
+    files = [file_digest(folder.path / name, name) for name in VERIFIED_EXPERT_FILES]
+    draft = ExpertRecord(
+        expert_id=expert_id, repo_id=repo_id, revision="0" * 40, centroid=tuple(folder.centroid.tolist()),
+        keywords=tuple(meta.keywords), n_docs=meta.n_docs, n_tokens=meta.n_tokens, perplexity=meta.perplexity,
+        base_perplexity=meta.base_perplexity, lora_rank=folder.lora.rank, lora_alpha=folder.lora.alpha,
+        target_modules=folder.lora.target_modules, adapter_bytes=folder.adapter_bytes, files=tuple(files),
+        title=meta.title,
+    )
+    operations = [CommitOperationAdd(name, str(folder.path / name)) for name in VERIFIED_EXPERT_FILES]
+    operations.append(CommitOperationAdd("README.md", _card_text(draft, folder, reg).encode()))
+
+    api = get_api(endpoint, token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    head = api.model_info(repo_id).sha
+    commit = api.create_commit(
+        repo_id, operations, parent_commit=head,
+        commit_message=commit_message or f"Push MoIN expert {expert_id} for {registry}",
+    )
+    logger.info("pushed %s at %s", repo_id, commit.oid)
+    record = ExpertRecord(**{**draft.to_dict(), "revision": commit.oid, "files": files})
+    updated = update_registry(registry, upsert_expert(record), endpoint=endpoint, token=token,
+                              commit_message=f"Register expert {expert_id} ({repo_id}@{commit.oid[:12]})",
+                              max_retries=max_retries)
+    return PushResult(
+        expert_id=expert_id, repo_id=repo_id, revision=commit.oid, url=f"{endpoint}/{repo_id}",
+        registry_id=registry, registry_revision=updated.revision, n_experts=len(updated),
+    )

@@ -1,0 +1,449 @@
+"""The registry: a Hub dataset repo that indexes experts (format v1).
+
+Layout of the repo::
+
+    moin_registry.json   RegistryManifest: base model + embedder pinned to commits, distance, version
+    experts.parquet      one ExpertRecord per row (see EXPERTS_SCHEMA)
+    README.md            dataset card with the experts table (``configs:`` points at experts.parquet,
+                         so ``datasets.load_dataset(registry_id)`` reads the rows)
+
+Every write is one commit made with ``parent_commit`` = the head it was computed from; when someone
+else committed in between, the Hub answers 412 and the update is recomputed on the new head. No write
+is lost, however many people push at once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from huggingface_hub import CommitOperationAdd, HfApi
+
+from . import _cards
+from ._config import (
+    EXPERTS_FILENAME,
+    MANIFEST_FILENAME,
+    EmbedderSpec,
+    ExpertRecord,
+    FileDigest,
+    PinnedModel,
+    RegistryManifest,
+)
+from ._hub import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+    download_file,
+    get_api,
+    http_status,
+    resolve_endpoint,
+    sha256_file,
+)
+from ._validators import validate_repo_id, validate_vector
+from .errors import (
+    ExpertNotFoundError,
+    InvalidRegistryError,
+    MoinHubError,
+    RegistryConflictError,
+    RegistryNotFoundError,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Arrow schema of experts.parquet, format v1.
+EXPERTS_SCHEMA = pa.schema([
+    pa.field("expert_id", pa.string(), nullable=False),
+    pa.field("repo_id", pa.string(), nullable=False),
+    pa.field("revision", pa.string(), nullable=False),
+    pa.field("centroid", pa.list_(pa.float32()), nullable=False),
+    pa.field("keywords", pa.list_(pa.string())),
+    pa.field("n_docs", pa.int64()),
+    pa.field("n_tokens", pa.int64()),
+    pa.field("perplexity", pa.float64()),
+    pa.field("base_perplexity", pa.float64()),
+    pa.field("lora_rank", pa.int32()),
+    pa.field("lora_alpha", pa.float64()),
+    pa.field("target_modules", pa.list_(pa.string())),
+    pa.field("adapter_bytes", pa.int64()),
+    pa.field("files", pa.list_(pa.struct([
+        pa.field("path", pa.string()), pa.field("sha256", pa.string()), pa.field("size", pa.int64()),
+    ]))),
+    pa.field("title", pa.string()),
+    pa.field("created_at", pa.string()),
+    pa.field("created_by", pa.string()),
+])
+
+DEFAULT_MAX_RETRIES = 30
+
+
+def experts_to_parquet(records: list[ExpertRecord]) -> bytes:
+    """Serialise registry rows to parquet bytes with :data:`EXPERTS_SCHEMA`."""
+    rows = [record.to_dict() for record in records]
+    table = pa.Table.from_pylist(rows, schema=EXPERTS_SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def experts_from_parquet(data: bytes | str | Path, *, registry_id: str, dim: int) -> list[ExpertRecord]:
+    """Parse and check ``experts.parquet``: every row a valid record, centroids of dimension ``dim``.
+
+    Raises:
+        InvalidRegistryError: naming the row and the problem (missing column, bad value, duplicate id).
+    """
+    try:
+        source = pa.BufferReader(data) if isinstance(data, bytes) else str(data)
+        table = pq.read_table(source)
+    except (pa.ArrowException, OSError) as err:
+        raise InvalidRegistryError(registry_id, f"{EXPERTS_FILENAME} is not readable parquet: {err}") from None
+    missing = [name for name in ("expert_id", "repo_id", "revision", "centroid") if name not in table.column_names]
+    if missing:
+        raise InvalidRegistryError(registry_id, f"{EXPERTS_FILENAME} lacks column(s) {missing}")
+    known = set(EXPERTS_SCHEMA.names)
+    records: list[ExpertRecord] = []
+    seen_ids: set[str] = set()
+    seen_repos: set[str] = set()
+    for index, row in enumerate(table.to_pylist()):
+        fields = {key: value for key, value in row.items() if key in known and value is not None}
+        try:
+            record = ExpertRecord.from_dict(fields)
+            validate_vector(record.centroid, dim=dim, field=f"centroid of {record.expert_id!r}")
+        except (ValueError, TypeError) as err:
+            raise InvalidRegistryError(registry_id, f"row {index}: {err}") from None
+        if record.expert_id in seen_ids or record.repo_id in seen_repos:
+            raise InvalidRegistryError(registry_id, f"row {index}: duplicate expert {record.expert_id!r}")
+        seen_ids.add(record.expert_id)
+        seen_repos.add(record.repo_id)
+        records.append(record)
+    return records
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    manifest: RegistryManifest
+    experts: tuple[ExpertRecord, ...]
+
+
+_SNAPSHOTS: dict[tuple[str, str, str], _Snapshot] = {}
+_SNAPSHOTS_LOCK = threading.Lock()
+
+
+def _read_snapshot(registry_id: str, sha: str, *, endpoint: str, token: str | bool | None) -> _Snapshot:
+    """Manifest and rows of a registry at commit ``sha`` (cached per commit: commits are immutable)."""
+    key = (endpoint, registry_id, sha)
+    with _SNAPSHOTS_LOCK:
+        if key in _SNAPSHOTS:
+            return _SNAPSHOTS[key]
+    try:
+        manifest_path = download_file(registry_id, MANIFEST_FILENAME, revision=sha, repo_type="dataset",
+                                      endpoint=endpoint, token=token)
+    except EntryNotFoundError:
+        raise RegistryNotFoundError(registry_id, revision=sha,
+                                    reason=f"the dataset repo has no {MANIFEST_FILENAME}; it is not a moin registry") from None
+    try:
+        manifest = RegistryManifest.from_dict(json.loads(Path(manifest_path).read_text(encoding="utf-8")))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InvalidRegistryError(registry_id, f"{MANIFEST_FILENAME}: {err}") from None
+    try:
+        parquet_path = download_file(registry_id, EXPERTS_FILENAME, revision=sha, repo_type="dataset",
+                                     endpoint=endpoint, token=token)
+    except EntryNotFoundError:
+        raise InvalidRegistryError(registry_id, f"{EXPERTS_FILENAME} is missing") from None
+    experts = experts_from_parquet(parquet_path, registry_id=registry_id, dim=manifest.embedder.dim)
+    snapshot = _Snapshot(manifest, tuple(experts))
+    with _SNAPSHOTS_LOCK:
+        _SNAPSHOTS[key] = snapshot
+    return snapshot
+
+
+def _head_sha(api: HfApi, registry_id: str, revision: str | None = None) -> str:
+    """Resolve a registry revision (default: main) to its commit sha."""
+    try:
+        return api.dataset_info(registry_id, revision=revision).sha
+    except RepositoryNotFoundError:
+        raise RegistryNotFoundError(registry_id) from None
+    except RevisionNotFoundError:
+        raise RegistryNotFoundError(registry_id, revision=revision, reason="no such revision") from None
+
+
+class Registry:
+    """A registry of experts, read at one commit.
+
+    Use :meth:`Registry.load`; a loaded registry never changes (it is pinned to ``revision``).
+
+    Example:
+        >>> registry = Registry.load("acme/moin-registry", endpoint="http://127.0.0.1:8080")  # doctest: +SKIP
+        >>> [e.expert_id for e in registry]  # doctest: +SKIP
+        ['topic-00', 'topic-01']
+    """
+
+    def __init__(self, registry_id: str, revision: str, manifest: RegistryManifest,
+                 experts: list[ExpertRecord] | tuple[ExpertRecord, ...], *, endpoint: str | None = None,
+                 token: str | bool | None = None):
+        self.registry_id = registry_id
+        self.revision = revision
+        self.manifest = manifest
+        self.experts = tuple(experts)
+        self.endpoint = resolve_endpoint(endpoint)
+        self.token = token
+        self._by_id = {record.expert_id: record for record in self.experts}
+        self._by_repo = {record.repo_id: record for record in self.experts}
+
+    @classmethod
+    def load(cls, registry_id: str, *, revision: str | None = None, endpoint: str | None = None,
+             token: str | bool | None = None) -> Registry:
+        """Load a registry at ``revision`` (default: the head of main).
+
+        Args:
+            registry_id: the dataset repo id, ``"org/name"``.
+            revision: a branch, tag or commit sha; it is resolved to a commit sha first.
+            endpoint: Hub endpoint (default ``$HF_ENDPOINT`` or huggingface.co).
+            token: Hub token (default: the client's own lookup).
+
+        Returns:
+            The registry pinned to the resolved commit. Files are cached per commit.
+
+        Raises:
+            RegistryNotFoundError: no such dataset repo or revision, or no manifest in it.
+            InvalidRegistryError: the manifest or a row is malformed.
+        """
+        validate_repo_id(registry_id, field="registry")
+        endpoint = resolve_endpoint(endpoint)
+        sha = _head_sha(get_api(endpoint, token), registry_id, revision)
+        snapshot = _read_snapshot(registry_id, sha, endpoint=endpoint, token=token)
+        return cls(registry_id, sha, snapshot.manifest, snapshot.experts, endpoint=endpoint, token=token)
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def __iter__(self) -> Iterator[ExpertRecord]:
+        return iter(self.experts)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.registry_id!r}, revision={self.revision[:12]!r}, experts={len(self)})"
+
+    @property
+    def url(self) -> str:
+        """The registry's page."""
+        return f"{self.endpoint}/datasets/{self.registry_id}"
+
+    def get(self, expert: str) -> ExpertRecord:
+        """The record of an expert, by expert id or by repo id.
+
+        Raises:
+            ExpertNotFoundError: no such expert in this registry.
+        """
+        record = self._by_id.get(expert) or self._by_repo.get(expert)
+        if record is None:
+            raise ExpertNotFoundError(expert, registry_id=self.registry_id)
+        return record
+
+    def centroids(self) -> np.ndarray:
+        """All centroids as a ``(n_experts, dim)`` float32 array, in row order."""
+        dim = self.manifest.embedder.dim
+        if not self.experts:
+            return np.zeros((0, dim), dtype=np.float32)
+        return np.asarray([record.centroid for record in self.experts], dtype=np.float32)
+
+    def to_pandas(self) -> Any:
+        """The rows as a pandas DataFrame (centroids as lists)."""
+        import pandas as pd
+
+        return pd.DataFrame([record.to_dict() for record in self.experts])
+
+
+def resolve_pinned(api: HfApi, repo_id: str, revision: str | None, *, what: str) -> PinnedModel:
+    """Resolve a model repo + revision to a :class:`PinnedModel` (commit sha)."""
+    validate_repo_id(repo_id, field=what, namespaced=False)
+    try:
+        sha = api.model_info(repo_id, revision=revision).sha
+    except RepositoryNotFoundError:
+        raise MoinHubError(f"The {what} {repo_id!r} was not found on {api.endpoint}.") from None
+    except RevisionNotFoundError:
+        raise MoinHubError(f"The {what} {repo_id!r} has no revision {revision!r}.") from None
+    return PinnedModel(repo_id, sha)
+
+
+def embedder_dimension(repo_id: str, revision: str, *, endpoint: str, token: str | bool | None) -> int:
+    """Output dimension of a sentence-transformers model, read from its module configs (no weights)."""
+    modules = json.loads(download_file(repo_id, "modules.json", revision=revision, endpoint=endpoint,
+                                       token=token).read_text(encoding="utf-8"))
+    dim = None
+    for module in modules:
+        kind, path = module.get("type", ""), module.get("path", "")
+        if kind.endswith("Pooling") or kind.endswith("Dense"):
+            config = json.loads(download_file(repo_id, f"{path}/config.json".lstrip("/"), revision=revision,
+                                              endpoint=endpoint, token=token).read_text(encoding="utf-8"))
+            dim = config.get("out_features") if kind.endswith("Dense") else config.get("word_embedding_dimension")
+    if not isinstance(dim, int) or dim < 1:
+        raise MoinHubError(f"Cannot tell the output dimension of embedder {repo_id!r}; pass embedder_dim.")
+    return dim
+
+
+def init_registry(registry_id: str, *, base_model: str, embedder: str, base_revision: str | None = None,
+                  embedder_revision: str | None = None, embedder_dim: int | None = None,
+                  description: str = "", private: bool = False, exist_ok: bool = False,
+                  endpoint: str | None = None, token: str | bool | None = None) -> Registry:
+    """Create a registry dataset repo with its manifest, an empty experts table and its card.
+
+    Args:
+        registry_id: the dataset repo to create, ``"org/name"``.
+        base_model: Hub id of the base model every expert adapts.
+        embedder: Hub id of the sentence-transformers model for centroids and queries.
+        base_revision / embedder_revision: revisions to pin (default main), resolved to commit shas.
+        embedder_dim: the embedder's dimension; read from its config files when omitted.
+        description: free text for the registry card.
+        private: create a private dataset repo.
+        exist_ok: return the existing registry if it has the same base model and embedder.
+        endpoint / token: Hub settings.
+
+    Returns:
+        The new (or existing) :class:`Registry`.
+
+    Raises:
+        MoinHubError: the base model or embedder cannot be resolved, or the registry exists
+            (without ``exist_ok``, or with another base model / embedder).
+
+    Example:
+        >>> init_registry("acme/moin-registry", base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        ...               embedder="sentence-transformers/all-MiniLM-L6-v2")  # doctest: +SKIP
+    """
+    validate_repo_id(registry_id, field="registry")
+    endpoint = resolve_endpoint(endpoint)
+    api = get_api(endpoint, token)
+    base = resolve_pinned(api, base_model, base_revision, what="base model")
+    emb = resolve_pinned(api, embedder, embedder_revision, what="embedder")
+    dim = embedder_dim or embedder_dimension(emb.repo_id, emb.revision, endpoint=endpoint, token=token)
+    manifest = RegistryManifest(base_model=base, embedder=EmbedderSpec(emb.repo_id, emb.revision, dim=dim),
+                                description=description)
+    try:
+        existing = Registry.load(registry_id, endpoint=endpoint, token=token)
+    except RegistryNotFoundError:
+        existing = None
+    if existing is not None:
+        same = (existing.manifest.base_model == manifest.base_model
+                and existing.manifest.embedder == manifest.embedder)
+        if exist_ok and same:
+            return existing
+        raise MoinHubError(
+            f"Registry {registry_id!r} already exists" + ("" if same else " with another base model or embedder") + ".",
+            hint="Use another id, or pass --exist-ok to reuse a compatible one.",
+        )
+    api.create_repo(registry_id, repo_type="dataset", private=private, exist_ok=True)
+    head = api.dataset_info(registry_id).sha
+    card = _cards.registry_card(manifest, [], registry_id=registry_id, endpoint=endpoint)
+    operations = [
+        CommitOperationAdd(MANIFEST_FILENAME, json.dumps(manifest.to_dict(), indent=2).encode() + b"\n"),
+        CommitOperationAdd(EXPERTS_FILENAME, experts_to_parquet([])),
+        CommitOperationAdd("README.md", str(card).encode()),
+    ]
+    try:
+        info = api.create_commit(registry_id, operations, repo_type="dataset", parent_commit=head,
+                                 commit_message="Initialise moin registry")
+    except HfHubHTTPError as err:
+        if http_status(err) == 412:
+            raise MoinHubError(f"Registry {registry_id!r} was created by someone else at the same time.",
+                               hint="Load it, or pass --exist-ok.") from None
+        raise
+    return Registry(registry_id, info.oid, manifest, [], endpoint=endpoint, token=token)
+
+
+Mutation = Callable[[RegistryManifest, list[ExpertRecord]], list[ExpertRecord]]
+
+
+def update_registry(registry_id: str, mutate: Mutation, *, commit_message: str, endpoint: str | None = None,
+                    token: str | bool | None = None, max_retries: int = DEFAULT_MAX_RETRIES,
+                    sleep: Callable[[float], None] = time.sleep) -> Registry:
+    """Apply ``mutate`` to the registry rows in one optimistic, conflict-safe commit.
+
+    ``mutate(manifest, rows)`` returns the new rows; it is called again on the fresh head whenever
+    another writer committed first (HTTP 412), so it must be a pure function of its inputs. Errors
+    it raises abort the update (nothing is written).
+
+    Returns:
+        The registry at the new commit.
+
+    Raises:
+        RegistryConflictError: the head moved on every one of ``max_retries`` attempts.
+        RegistryNotFoundError / InvalidRegistryError: as for :meth:`Registry.load`.
+    """
+    endpoint = resolve_endpoint(endpoint)
+    api = get_api(endpoint, token)
+    for attempt in range(max_retries):
+        head = _head_sha(api, registry_id)
+        snapshot = _read_snapshot(registry_id, head, endpoint=endpoint, token=token)
+        rows = mutate(snapshot.manifest, list(snapshot.experts))
+        card = _cards.registry_card(snapshot.manifest, rows, registry_id=registry_id, endpoint=endpoint)
+        operations = [
+            CommitOperationAdd(EXPERTS_FILENAME, experts_to_parquet(rows)),
+            CommitOperationAdd("README.md", str(card).encode()),
+        ]
+        try:
+            info = api.create_commit(registry_id, operations, repo_type="dataset", parent_commit=head,
+                                     commit_message=commit_message)
+        except HfHubHTTPError as err:
+            if http_status(err) != 412:
+                raise
+            delay = min(2.0, 0.05 * 2 ** min(attempt, 5)) * (0.5 + random.random())
+            logger.info("registry %s moved during update (attempt %d); retrying in %.2fs",
+                        registry_id, attempt + 1, delay)
+            sleep(delay)
+            continue
+        with _SNAPSHOTS_LOCK:
+            _SNAPSHOTS[(endpoint, registry_id, info.oid)] = _Snapshot(snapshot.manifest, tuple(rows))
+        return Registry(registry_id, info.oid, snapshot.manifest, rows, endpoint=endpoint, token=token)
+    raise RegistryConflictError(registry_id, max_retries)
+
+
+def upsert_expert(record: ExpertRecord) -> Mutation:
+    """A mutation that adds ``record`` or replaces the row of the same expert (same id and repo).
+
+    Raises (from the mutation):
+        ValueError: the expert id belongs to another repo, or the repo is registered under another id.
+    """
+
+    def mutate(manifest: RegistryManifest, rows: list[ExpertRecord]) -> list[ExpertRecord]:
+        for row in rows:
+            if row.expert_id == record.expert_id and row.repo_id != record.repo_id:
+                raise MoinHubError(
+                    f"Expert id {record.expert_id!r} is already taken by {row.repo_id!r} in this registry.",
+                    hint="Pass --expert-id with another id.",
+                )
+            if row.repo_id == record.repo_id and row.expert_id != record.expert_id:
+                raise MoinHubError(
+                    f"Repo {record.repo_id!r} is already registered as expert {row.expert_id!r}.",
+                    hint=f"Pass --expert-id {row.expert_id} to update it, or remove it first.",
+                )
+        kept = [row for row in rows if row.expert_id != record.expert_id]
+        return sorted([*kept, record], key=lambda r: r.expert_id)
+
+    return mutate
+
+
+def remove_expert_rows(expert: str) -> Mutation:
+    """A mutation that removes the row of ``expert`` (expert id or repo id)."""
+
+    def mutate(manifest: RegistryManifest, rows: list[ExpertRecord]) -> list[ExpertRecord]:
+        kept = [row for row in rows if expert not in (row.expert_id, row.repo_id)]
+        if len(kept) == len(rows):
+            raise ExpertNotFoundError(expert)
+        return kept
+
+    return mutate
+
+
+def file_digest(path: Path, name: str) -> FileDigest:
+    """The :class:`FileDigest` of a local file."""
+    return FileDigest(name, sha256_file(path), path.stat().st_size)
