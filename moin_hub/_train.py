@@ -1,0 +1,650 @@
+"""Train MoIN experts: one small LoRA adapter per topic on a frozen base LM, each on its own.
+
+Experts never communicate ("introvert"): each job loads the base model, adds a fresh LoRA, trains on
+its topic's text only and writes its folder. So jobs run in any order, in any number of processes or
+machines, and a crashed run resumes by skipping the experts already on disk.
+
+An expert folder (what :func:`moin_hub.push_expert` consumes)::
+
+    <out>/<expert_id>/
+      adapter_config.json, adapter_model.safetensors   PEFT LoRA (base_model_name_or_path = base Hub id,
+                                                       revision = its pinned commit)
+      centroid.safetensors                             tensor "centroid", float32[dim]
+      moin_expert.json                                 ExpertMetadata (written last: marks "finished")
+      training.json                                    TrainConfig + what was measured
+
+Example:
+    >>> job = TopicJob("cooking", texts=cooking_docs, centroid=centroid, eval_texts=held_out)  # doctest: +SKIP
+    >>> train_expert("models/smollm2", job, "experts", TrainConfig(tokens_per_expert=50_000),
+    ...              base_model_id="HuggingFaceTB/SmolLM2-135M-Instruct", base_revision=sha)  # doctest: +SKIP
+    PosixPath('experts/cooking')
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ._config import (
+    EXPERT_METADATA_FILENAME,
+    ExpertMetadata,
+    _Serializable,
+    utc_now,
+    validate_expert_id,
+)
+from ._evaluate import autocast, build_blocks, load_base, perplexity, resolve_bf16
+from ._expert import write_centroid
+from ._validators import (
+    validate_commit_sha,
+    validate_finite_or_none,
+    validate_positive_int,
+    validate_repo_id,
+    validate_vector,
+)
+from ._version import __version__
+from .errors import ExpertTrainingError, InvalidExpertError
+
+logger = logging.getLogger(__name__)
+
+TRAINING_FILENAME = "training.json"
+SCHEDULES = ("cosine", "linear", "constant")
+EXECUTORS = ("local", "ray")
+
+#: A local model folder / Hub id, or a picklable callable returning ``(model, tokenizer)``.
+BaseSource = str | os.PathLike | Callable[[], tuple[Any, Any]]
+
+
+def _check_range(value: Any, *, field: str, low: float, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = True) -> float:
+    """Check that ``value`` is a finite real number in the given interval and return it as float."""
+    number = validate_finite_or_none(value, field=field)
+    if number is None or isinstance(value, bool):
+        raise ValueError(f"{field} must be a number, got {value!r}.")
+    too_low = number <= low if low_open else number < low
+    too_high = number >= high if high_open else number > high
+    if too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{field} must be in {interval}, got {value!r}.")
+    return number
+
+
+def _optional_positive_int(value: int | None, *, field: str) -> None:
+    if value is not None:
+        validate_positive_int(value, field=field)
+
+
+@dataclass
+class TrainConfig(_Serializable):
+    """How every expert is trained. Keep it the SAME for all experts of a registry: equal rank and
+    target modules let a server hot-swap adapters in place.
+
+    The default learning rate, 5e-4, is at the high end of what LoRA uses (the LoRA paper: 2e-4 for
+    GPT-2 M/L, 4e-4 to 5e-4 for RoBERTa), because an expert gets only ~200 steps (200k tokens of
+    4x256-token batches); with warmup, cosine decay and gradient clipping at 1.0 that is stable on
+    SmolLM2-135M, and lower rates leave much of the topic's gain on the table in so few steps.
+
+    Example:
+        >>> TrainConfig(rank=16, alpha=32, tokens_per_expert=50_000).steps
+        49
+        >>> TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
+        True
+    """
+
+    _kind: ClassVar[str] = "train config"
+
+    rank: int = field(default=8, metadata={"help": "LoRA rank r (same for all experts)."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout, in [0, 1)."})
+    target_modules: tuple[str, ...] = field(
+        default=("q_proj", "v_proj"), metadata={"help": "Module names that get LoRA (same for all experts)."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak AdamW learning rate."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per training block."})
+    batch_size: int = field(default=4, metadata={"help": "Blocks per optimizer step."})
+    tokens_per_expert: int = field(
+        default=200_000, metadata={"help": "Token budget: train ceil(budget / (seq_len * batch_size)) steps, "
+                                           "repeating the topic's blocks (epochs) as needed."})
+    max_steps: int | None = field(default=None, metadata={"help": "Cap on optimizer steps (None: the budget decides)."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of the steps with linear warmup."})
+    schedule: str = field(default="cosine", metadata={"help": "Decay after warmup: 'cosine', 'linear' or 'constant'."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the LoRA weights."})
+    grad_clip: float | None = field(default=1.0, metadata={"help": "Max gradient norm (None: no clipping)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the LoRA init and of the block order."})
+    bf16: bool | str = field(
+        default="auto", metadata={"help": "Autocast to bf16: True, False or 'auto' (a CPU with fast bf16 kernels, "
+                                           "or a CUDA GPU with bf16; an AVX2-only CPU is ~30x slower in bf16)."})
+    torch_threads: int | None = field(
+        default=None, metadata={"help": "torch threads per expert (None: cores // workers; all cores in-process)."})
+    device: str | None = field(default=None, metadata={"help": "'cpu', 'cuda', ... (None: cuda if available)."})
+    eval_max_tokens: int | None = field(
+        default=20_000, metadata={"help": "Held-out tokens scored for the expert's perplexity (None: all)."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Blocks per forward pass when scoring."})
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "seq_len", "batch_size", "tokens_per_expert", "eval_batch_size"):
+            validate_positive_int(getattr(self, name), field=name)
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {self.seq_len!r}.")
+        for name in ("max_steps", "torch_threads", "eval_max_tokens"):
+            _optional_positive_int(getattr(self, name), field=name)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}.")
+        self.alpha = _check_range(self.alpha, field="alpha", low=0, low_open=True)
+        self.dropout = _check_range(self.dropout, field="dropout", low=0, high=1)
+        self.learning_rate = _check_range(self.learning_rate, field="learning_rate", low=0, high=1, low_open=True)
+        self.warmup_ratio = _check_range(self.warmup_ratio, field="warmup_ratio", low=0, high=1)
+        self.weight_decay = _check_range(self.weight_decay, field="weight_decay", low=0)
+        if self.grad_clip is not None:
+            self.grad_clip = _check_range(self.grad_clip, field="grad_clip", low=0, low_open=True)
+        self._check_choices()
+
+    def _check_choices(self) -> None:
+        modules = self.target_modules
+        if isinstance(modules, str) or not modules or not all(isinstance(m, str) and m for m in modules):
+            raise ValueError(f"target_modules must be a non-empty list of module names, got {modules!r}.")
+        self.target_modules = tuple(modules)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
+        if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):
+            raise ValueError(f"bf16 must be True, False or 'auto', got {self.bf16!r}.")
+        if self.device is not None and not isinstance(self.device, str):
+            raise ValueError(f"device must be a string like 'cpu' or 'cuda:0', got {self.device!r}.")
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens in one optimizer step: ``seq_len * batch_size``."""
+        return self.seq_len * self.batch_size
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps of one expert: the token budget in whole steps, capped by ``max_steps``."""
+        steps = math.ceil(self.tokens_per_expert / self.tokens_per_step)
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+
+@dataclass
+class TopicJob:
+    """One expert to train: a topic's documents, its centroid, and what its card shows.
+
+    Args:
+        expert_id: id of the expert (and name of its folder).
+        texts: training documents of the topic.
+        centroid: the topic's centroid in the embedder's space (written to ``centroid.safetensors``).
+        keywords / samples / title: copied into ``moin_expert.json``.
+        eval_texts: held-out documents; when given, the expert's and the base model's perplexity on them
+            are measured and recorded.
+    """
+
+    expert_id: str
+    texts: list[str]
+    centroid: np.ndarray
+    keywords: list[str] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)
+    title: str = ""
+    eval_texts: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        validate_expert_id(self.expert_id)
+        where = f"job {self.expert_id!r}"
+        for name in ("texts", "eval_texts", "keywords", "samples"):
+            value = getattr(self, name)
+            if value is None and name == "eval_texts":
+                continue
+            if isinstance(value, str) or not all(isinstance(t, str) for t in value):
+                raise ValueError(f"{where}: {name} must be a list of strings.")
+            setattr(self, name, list(value))
+        if not self.texts:
+            raise ValueError(f"{where}: texts is empty; an expert needs training documents.")
+        self.centroid = validate_vector(self.centroid, field=f"{where}: centroid")
+
+
+# --------------------------------------------------------------------------------------------- folders
+
+
+def is_finished(expert_dir: str | Path) -> bool:
+    """True if ``expert_dir`` is a finished expert (it holds ``moin_expert.json``, written last)."""
+    return (Path(expert_dir) / EXPERT_METADATA_FILENAME).is_file()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_tmp(out_dir: Path, expert_id: str) -> None:
+    """Remove ``.<id>.tmp-<pid>`` folders left by runs that were killed (their process is gone)."""
+    for tmp in out_dir.glob(f".{expert_id}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            logger.info("removing %s, left by a killed run", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _torch_threads(n_threads: int | None) -> Iterator[None]:
+    """Use ``n_threads`` torch threads inside the block (no change for ``None``)."""
+    if n_threads is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# -------------------------------------------------------------------------------------------- training
+
+
+def _load_base(source: BaseSource, base_revision: str) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a loader callable, a local folder, or a Hub id (at ``base_revision``)."""
+    if callable(source):
+        return source()
+    local = Path(source).is_dir()
+    return load_base(source, revision=None if local else base_revision)
+
+
+def _add_lora(model: Any, config: TrainConfig, base_model_id: str, base_revision: str) -> Any:
+    """Freeze ``model`` and wrap it with a fresh LoRA whose config names the base's Hub id and commit."""
+    from peft import LoraConfig, get_peft_model
+
+    model.requires_grad_(False)
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    saved = peft_model.peft_config["default"]
+    saved.base_model_name_or_path = base_model_id  # not the local folder it was loaded from
+    saved.revision = base_revision
+    return peft_model
+
+
+def _lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """Learning-rate multiplier at ``step``: linear warmup, then cosine / linear decay to 0, or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _batches(blocks: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless full batches of blocks: each epoch visits every block once, in a seeded random order."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    while True:
+        while order.numel() < batch_size:
+            order = torch.cat([order, torch.randperm(blocks.shape[0], generator=generator)])
+        yield blocks[order[:batch_size]]
+        order = order[batch_size:]
+
+
+def _train_step(model: Any, batch: torch.Tensor, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, grad_clip: float | None, bf16: bool) -> float:
+    """One AdamW step on ``batch`` (labels = inputs; the model shifts them); returns the loss."""
+    with autocast(batch.device, bf16):
+        loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def _fit(model: Any, blocks: torch.Tensor, config: TrainConfig, *, bf16: bool, desc: str,
+         progress: bool) -> dict[str, Any]:
+    """Train the LoRA weights of ``model`` for ``config.steps`` steps; return what was measured."""
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps = config.steps
+    factor = functools.partial(_lr_factor, warmup=round(config.warmup_ratio * steps), total=steps,
+                               schedule=config.schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    batches = _batches(blocks, config.batch_size, config.seed)
+    losses: list[float] = []
+    model.train()
+    start = time.perf_counter()
+    with tqdm(total=steps * config.tokens_per_step, unit="tok", unit_scale=True, desc=desc,
+              disable=not progress, leave=False) as bar:
+        for _ in range(steps):
+            batch = next(batches).to(device)
+            losses.append(_train_step(model, batch, optimizer, scheduler, config.grad_clip, bf16))
+            bar.update(batch.numel())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    seconds = time.perf_counter() - start
+    model.eval()
+    tail = losses[-min(10, len(losses)):]
+    return {
+        "steps": steps, "tokens": steps * config.tokens_per_step, "seconds": round(seconds, 3),
+        "tokens_per_second": round(steps * config.tokens_per_step / seconds, 1),
+        "initial_loss": losses[0], "final_loss": sum(tail) / len(tail), "losses": losses,
+    }
+
+
+def _held_out(model: Any, tokenizer: Any, job: TopicJob, config: TrainConfig) -> dict[str, Any]:
+    """Perplexity of the expert and of the plain base on the job's held-out texts (empty if none)."""
+    if not job.eval_texts:
+        return {}
+    kw = {"seq_len": config.seq_len, "batch_size": config.eval_batch_size, "bf16": config.bf16,
+          "max_tokens": config.eval_max_tokens}
+    start = time.perf_counter()
+    ppl, n_tokens = perplexity(model, tokenizer, job.eval_texts, **kw)
+    with model.disable_adapter():
+        base_ppl, _ = perplexity(model, tokenizer, job.eval_texts, **kw)
+    return {"perplexity": ppl, "base_perplexity": base_ppl, "eval_tokens": n_tokens,
+            "eval_seconds": round(time.perf_counter() - start, 3)}
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {"moin_hub": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
+
+
+def _write_expert(folder: Path, model: Any, job: TopicJob, config: TrainConfig, measured: dict[str, Any]) -> None:
+    """Write the expert's files into ``folder``; ``moin_expert.json`` last (it marks the folder finished)."""
+    # save_embedding_layers=False: the vocabulary is never resized, and "auto" would look the base up on the Hub
+    model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
+    (folder / "README.md").unlink(missing_ok=True)  # PEFT's stub card; push writes the real one
+    write_centroid(folder / "centroid.safetensors", job.centroid)
+    _write_json(folder / TRAINING_FILENAME, {"expert_id": job.expert_id, "config": config.to_dict(), **measured,
+                                              "created_at": utc_now(), "versions": _versions()})
+    held_out = {k: measured[k] for k in ("perplexity", "base_perplexity", "eval_tokens") if k in measured}
+    metadata = ExpertMetadata(expert_id=job.expert_id, keywords=job.keywords, n_docs=len(job.texts),
+                              n_tokens=measured["tokens"], samples=job.samples, title=job.title, **held_out)
+    _write_json(folder / EXPERT_METADATA_FILENAME, metadata.to_dict())
+
+
+def _train_into(folder: Path, source: BaseSource, job: TopicJob, config: TrainConfig, *, base_model_id: str,
+                base_revision: str, progress: bool) -> None:
+    """Load the base, train the job's LoRA, measure it, and write the expert into ``folder``."""
+    model, tokenizer = _load_base(source, base_revision)
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16 = resolve_bf16(config.bf16, device)
+    blocks = build_blocks(tokenizer, job.texts, config.seq_len)
+    if blocks.shape[0] == 0:
+        raise ValueError(f"job {job.expert_id!r}: its texts hold fewer tokens than one block "
+                         f"(seq_len={config.seq_len}); give more text or a shorter seq_len.")
+    torch.manual_seed(config.seed)
+    model = _add_lora(model, config, base_model_id, base_revision).to(device)
+    measured = _fit(model, blocks, config, bf16=bf16, desc=job.expert_id, progress=progress)
+    measured.update(_held_out(model, tokenizer, job, config))
+    measured.update(base_model=base_model_id, base_revision=base_revision, device=str(device), bf16=bf16,
+                    torch_threads=torch.get_num_threads(), topic_blocks=blocks.shape[0],
+                    topic_tokens=blocks.numel(), epochs=round(measured["tokens"] / blocks.numel(), 3))
+    _write_expert(folder, model, job, config, measured)
+
+
+def train_expert(base_model_dir_or_loader: BaseSource, job: TopicJob, out_dir: str | Path,
+                 config: TrainConfig | None = None, *, base_model_id: str, base_revision: str,
+                 progress: bool = True) -> Path:
+    """Train one expert and write its folder ``<out_dir>/<job.expert_id>``; skip it if already finished.
+
+    The base model is loaded (safetensors only, no remote code) and frozen; a fresh LoRA is trained with
+    AdamW on ``config.seq_len`` blocks of the topic's texts until the token budget is spent. Files are
+    written to ``<out_dir>/.<id>.tmp-<pid>`` and moved into place with one ``os.replace``, so a crash
+    never leaves a half expert, and a finished expert (its folder holds ``moin_expert.json``) is never
+    retrained: the call returns at once.
+
+    Args:
+        base_model_dir_or_loader: a local model folder, a Hub model id (loaded at ``base_revision``), or a
+            callable returning ``(model, tokenizer)`` (it must be picklable to run in worker processes).
+        job: the topic to train on.
+        out_dir: parent folder of the expert folders.
+        config: training settings (default :class:`TrainConfig`).
+        base_model_id: the base model's Hub id, written as ``base_model_name_or_path`` of the adapter.
+        base_revision: the base's pinned 40-hex commit, written as the adapter's ``revision``.
+        progress: show a tqdm bar (tokens/s, loss).
+
+    Returns:
+        The expert folder.
+
+    Raises:
+        ValueError: a bad id/sha, or texts shorter than one block.
+        InvalidExpertError: ``<out_dir>/<id>`` exists but is not a finished expert (it is left alone).
+        Any error of loading or training; the temporary folder is removed first.
+
+    Example:
+        >>> train_expert("models/smollm2", job, "experts", base_model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        ...              base_revision="12fd25f77366fa6b3b4b768ec3050bf629380bac")  # doctest: +SKIP
+    """
+    validate_repo_id(base_model_id, field="base_model_id", namespaced=False)
+    validate_commit_sha(base_revision, field="base_revision")
+    config = config or TrainConfig()
+    out_dir = Path(out_dir)
+    final = out_dir / job.expert_id
+    if is_finished(final):
+        logger.info("expert %s is already trained in %s; skipping", job.expert_id, final)
+        return final
+    if final.exists():
+        raise InvalidExpertError(str(final), "exists but is not a finished expert (no moin_expert.json); "
+                                             "remove it to train this expert")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(out_dir, job.expert_id)
+    tmp = out_dir / f".{job.expert_id}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with _torch_threads(config.torch_threads):
+            _train_into(tmp, base_model_dir_or_loader, job, config, base_model_id=base_model_id,
+                        base_revision=base_revision, progress=progress)
+        _move_into_place(tmp, final)
+    finally:  # after a crash (or losing a race), the temporary folder goes; after success it is gone already
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """``os.replace(tmp, final)``, accepting that another run finished the same expert meanwhile."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not is_finished(final):
+            raise
+        logger.info("another run finished %s meanwhile; keeping its folder", final)
+
+
+# ------------------------------------------------------------------------------------------ many experts
+
+
+def available_cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _failure(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def _run_in_process(jobs: Sequence[TopicJob], kwargs: dict[str, Any]) -> dict[str, str]:
+    failures = {}
+    for job in jobs:
+        try:
+            train_expert(job=job, **kwargs)
+        except Exception as err:  # noqa: BLE001 - one failure must not stop the others
+            logger.error("expert %s failed: %s", job.expert_id, _failure(err))
+            failures[job.expert_id] = _failure(err)
+    return failures
+
+
+def _run_processes(jobs: Sequence[TopicJob], kwargs: dict[str, Any], workers: int) -> dict[str, str]:
+    failures = {}
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(train_expert, job=job, **kwargs): job.expert_id for job in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            err = future.exception()
+            if err is not None:
+                logger.error("expert %s failed: %s", futures[future], _failure(err))
+                failures[futures[future]] = _failure(err)
+    return failures
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("executor='ray' needs Ray, an optional extra: pip install 'moin-hub[ray]'") from None
+    return ray
+
+
+def _run_ray(jobs: Sequence[TopicJob], kwargs: dict[str, Any], threads: int) -> dict[str, str]:
+    """One Ray task per expert, ``num_cpus=threads`` each; joins the running cluster or starts a local one."""
+    ray = _import_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init()
+    try:
+        remote = ray.remote(num_cpus=threads)(train_expert)
+        refs = {job.expert_id: remote.remote(job=job, **kwargs) for job in jobs}
+        failures = {}
+        for expert_id, ref in refs.items():
+            try:
+                ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - collected, raised together below
+                failures[expert_id] = _failure(getattr(err, "cause", None) or err)
+        return failures
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def train_experts(jobs: Sequence[TopicJob], out_dir: str | Path, config: TrainConfig | None = None, *,
+                  base_model_dir_or_loader: BaseSource, base_model_id: str, base_revision: str,
+                  workers: int = 1, executor: str = "local", progress: bool = True) -> list[Path]:
+    """Train many experts independently (no communication between them), in parallel processes.
+
+    Finished experts on disk are skipped, so rerunning after a crash trains only what is missing. One
+    failure does not stop the others: all jobs run, and the failures are raised together at the end.
+
+    Args:
+        jobs: one :class:`TopicJob` per expert (ids must be unique).
+        out_dir: parent folder of the expert folders.
+        config: training settings, the same for every expert. ``torch_threads=None`` gives each
+            expert ``max(1, cores // workers)`` threads.
+        base_model_dir_or_loader / base_model_id / base_revision / progress: as in :func:`train_expert`.
+        workers: experts trained at once. ``executor="local"``: ``1`` trains in this process, one after
+            the other; more starts that many spawned worker processes. With Ray, it only sets the
+            threads (and ``num_cpus``) of each task; the cluster decides how many run at once.
+        executor: ``"local"`` (``ProcessPoolExecutor`` with the ``spawn`` start method) or ``"ray"`` (one
+            ``ray.remote`` task per expert; joins a running cluster, else starts a local one).
+
+    Returns:
+        The expert folders, in the order of ``jobs``.
+
+    Raises:
+        ExpertTrainingError: some experts failed (its ``failures`` maps ids to errors; the others are on disk).
+        ImportError: ``executor="ray"`` without Ray installed.
+        ValueError: bad ``workers`` / ``executor``, duplicate expert ids, bad base id or sha.
+
+    Example:
+        >>> train_experts(jobs, "experts", TrainConfig(), workers=2, base_model_dir_or_loader="models/smollm2",
+        ...               base_model_id="HuggingFaceTB/SmolLM2-135M-Instruct", base_revision=sha)  # doctest: +SKIP
+    """
+    validate_positive_int(workers, field="workers")
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}.")
+    if executor == "ray":
+        _import_ray()
+    ids = [job.expert_id for job in jobs]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"jobs: expert ids must be unique; repeated: {duplicates}.")
+    validate_repo_id(base_model_id, field="base_model_id", namespaced=False)
+    validate_commit_sha(base_revision, field="base_revision")
+    config = config or TrainConfig()
+    threads = config.torch_threads or max(1, available_cores() // workers)
+    out_dir = Path(out_dir)
+    kwargs = {"base_model_dir_or_loader": base_model_dir_or_loader, "out_dir": out_dir,
+              "config": dataclasses.replace(config, torch_threads=threads), "base_model_id": base_model_id,
+              "base_revision": base_revision, "progress": progress}
+    pending = [job for job in jobs if not is_finished(out_dir / job.expert_id)]
+    if not pending:
+        failures = {}
+    elif executor == "ray":
+        failures = _run_ray(pending, kwargs, threads)
+    elif workers == 1 or len(pending) == 1:
+        failures = _run_in_process(pending, kwargs)
+    else:
+        failures = _run_processes(pending, kwargs, min(workers, len(pending)))
+    if failures:
+        finished = [out_dir / i for i in ids if i not in failures and is_finished(out_dir / i)]
+        raise ExpertTrainingError(failures, finished=finished)
+    return [out_dir / i for i in ids]
+
+
+def train_dense(base_model_dir_or_loader: BaseSource, jobs: Sequence[TopicJob], out_dir: str | Path,
+                config: TrainConfig | None = None, *, base_model_id: str, base_revision: str,
+                expert_id: str = "dense", progress: bool = True) -> Path:
+    """The dense baseline: ONE LoRA on all topics' texts, with the experts' TOTAL token budget.
+
+    Same config as the experts (rank, modules, learning rate, schedule), but ``tokens_per_expert`` (and
+    ``max_steps``, if set) times the number of topics, so it sees as many tokens as all experts together.
+    Its folder has the expert layout: centroid = the normalised mean of the topics' centroids, held-out
+    texts = all topics' ``eval_texts``.
+
+    Args:
+        base_model_dir_or_loader / out_dir / base_model_id / base_revision / progress: as in
+            :func:`train_expert`.
+        jobs: the experts' jobs.
+        config: the experts' config.
+        expert_id: folder name of the baseline.
+
+    Returns:
+        The baseline's folder ``<out_dir>/<expert_id>``.
+
+    Raises:
+        ValueError: no jobs, or centroids of different dimensions.
+    """
+    if not jobs:
+        raise ValueError("jobs is empty: the dense baseline needs the topics' texts.")
+    config = config or TrainConfig()
+    n = len(jobs)
+    dense_config = dataclasses.replace(config, tokens_per_expert=config.tokens_per_expert * n,
+                                       max_steps=config.max_steps * n if config.max_steps else None)
+    dims = {job.centroid.shape[0] for job in jobs}
+    if len(dims) > 1:
+        raise ValueError(f"jobs have centroids of different dimensions {sorted(dims)}.")
+    centroid = np.mean([job.centroid / np.linalg.norm(job.centroid) for job in jobs], axis=0)
+    eval_texts = [t for job in jobs for t in job.eval_texts or []]
+    dense = TopicJob(expert_id, texts=[t for job in jobs for t in job.texts],
+                     centroid=centroid / np.linalg.norm(centroid),
+                     samples=[job.samples[0] for job in jobs if job.samples][:5],
+                     title=f"Dense baseline: one LoRA on all {n} topics", eval_texts=eval_texts or None)
+    return train_expert(base_model_dir_or_loader, dense, out_dir, dense_config, base_model_id=base_model_id,
+                        base_revision=base_revision, progress=progress)
