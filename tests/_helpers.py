@@ -107,7 +107,8 @@ def write_expert(folder: Path, base_dir: Path, embedder, topic: str, *, base_rep
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"],
+                        init_lora_weights=False, task_type="CAUSAL_LM")
     model = get_peft_model(base, config)
     model.peft_config["default"].base_model_name_or_path = base_repo
     folder.mkdir(parents=True, exist_ok=True)

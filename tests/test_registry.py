@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, hf_hub_download
 
 from moin_hub import Registry, errors, init_registry, push_expert
 from moin_hub._config import EXPERTS_FILENAME, MANIFEST_FILENAME, VERIFIED_EXPERT_FILES
@@ -70,7 +70,9 @@ def test_push_expert_one_commit_card_and_row(hub, api, registry_id, make_expert)
     assert row.lora_rank == 4 and row.target_modules == ("q_proj", "v_proj")
     assert len(row.centroid) == 384 and row.perplexity == 10.5
 
-    card = ModelCard.load("test-org/expert-cooking", endpoint=hub.url)  # parses with the Hub client
+    # ModelCard.load(repo_id) has no endpoint argument: fetch README.md with the Hub client, parse it as the Hub does
+    readme = hf_hub_download("test-org/expert-cooking", "README.md", revision=result.revision, endpoint=hub.url)
+    card = ModelCard.load(readme)
     assert card.data.base_model == BASE_REPO and card.data.library_name == "peft"
     assert "moin" in card.data.tags and f"moin-registry:{registry_id}" in card.data.tags
     metrics = card.data.eval_results
