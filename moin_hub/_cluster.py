@@ -678,7 +678,8 @@ def project_2d(embeddings: np.ndarray, centroids: np.ndarray, *,
 
 def cluster_documents(texts: Sequence[str], model: Any, *, k: int = 8, method: str = "kmeans", seed: int = 0,
                       labels: Sequence[Any] | None = None, top_n: int = 10, batch_size: int = 64,
-                      min_cluster_size: int | None = None, show_progress: bool = True) -> TopicModel:
+                      min_cluster_size: int | None = None, show_progress: bool = True,
+                      embeddings: np.ndarray | None = None) -> TopicModel:
     """Embed documents, split them into topics, name the topics, and score them against labels.
 
     Args:
@@ -689,6 +690,7 @@ def cluster_documents(texts: Sequence[str], model: Any, *, k: int = 8, method: s
             (computed on ``training_assignments``, so HDBSCAN noise counts in the topic it trains).
         top_n: c-TF-IDF keywords per topic.
         batch_size, show_progress: as in :func:`embed_texts`.
+        embeddings: the texts' embeddings if already computed (``model`` is then not used).
 
     Returns:
         A :class:`TopicModel` with keywords (and label metrics if ``labels`` was given).
@@ -705,7 +707,12 @@ def cluster_documents(texts: Sequence[str], model: Any, *, k: int = 8, method: s
     texts = _check_texts(texts)
     if labels is not None and len(labels) != len(texts):
         raise ValueError(f"labels has {len(labels)} entries for {len(texts)} texts.")
-    vectors = embed_texts(model, texts, batch_size=batch_size, show_progress=show_progress)
+    if embeddings is None:
+        vectors = embed_texts(model, texts, batch_size=batch_size, show_progress=show_progress)
+    else:
+        vectors = _unit_rows(embeddings, field="embeddings")
+        if len(vectors) != len(texts):
+            raise ValueError(f"embeddings has {len(vectors)} rows for {len(texts)} texts.")
     topics = cluster_embeddings(vectors, k=k, method=method, seed=seed, min_cluster_size=min_cluster_size)
     keywords = ctfidf_keywords(texts, topics.training_assignments, top_n=top_n)
     metrics = dict(topics.metrics)

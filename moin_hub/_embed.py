@@ -77,11 +77,17 @@ def load_sentence_transformer(folder: str | Path):  # noqa: ANN201
                                model_kwargs={"use_safetensors": True})
 
 
+def embedding_dimension(model) -> int:  # noqa: ANN001
+    """Output dimension of a SentenceTransformer (the method was renamed in sentence-transformers 6)."""
+    getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(getter())
+
+
 @functools.lru_cache(maxsize=4)
 def _load_cached(endpoint: str, repo_id: str, revision: str, dim: int, token: str | bool | None) -> Embedder:
     folder = download_model_dir(repo_id, revision, endpoint=endpoint, token=token)
     model = load_sentence_transformer(folder)
-    actual = model.get_sentence_embedding_dimension()
+    actual = embedding_dimension(model)
     if actual != dim:
         raise EmbedderMismatchError(expected=dim, actual=actual, what=f"embedder {repo_id!r} output")
     return Embedder(model, dim)

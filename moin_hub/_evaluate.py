@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ._config import ADAPTER_WEIGHTS_FILENAME
 from ._expert import refuse_pickles
-from ._loading import adapter_name
+from ._loading import adapter_name, quiet_peft
 from .errors import InvalidExpertError
 
 logger = logging.getLogger(__name__)
@@ -227,8 +227,9 @@ def load_with_adapter(base_model: torch.nn.Module, adapter_dir: str | Path, *,
 
     folder = Path(adapter_dir)
     _check_adapter_dir(folder)
-    model = PeftModel.from_pretrained(base_model, str(folder), adapter_name=adapter or "default",
-                                      is_trainable=False, use_safetensors=True)
+    with quiet_peft():
+        model = PeftModel.from_pretrained(base_model, str(folder), adapter_name=adapter or "default",
+                                          is_trainable=False, use_safetensors=True)
     return model.eval()
 
 
@@ -239,8 +240,9 @@ def _attach_experts(base_model: torch.nn.Module, expert_dirs: Mapping[str, str |
     model = load_with_adapter(base_model, first_dir, adapter=adapter_name(first_id))
     for expert_id, folder in items[1:]:
         _check_adapter_dir(Path(folder))
-        model.load_adapter(str(folder), adapter_name=adapter_name(expert_id), is_trainable=False,
-                           use_safetensors=True)
+        with quiet_peft():
+            model.load_adapter(str(folder), adapter_name=adapter_name(expert_id), is_trainable=False,
+                               use_safetensors=True)
     return model.eval()
 
 
@@ -258,7 +260,8 @@ def _using(model: Any, expert_id: str | None) -> Iterator[None]:
 
 
 NLL = tuple[float, int]  # (summed NLL, predicted tokens)
-_KINDS = ("base", "oracle", "routed")
+_KINDS = ("base", "oracle", "routed", "dense")
+DENSE_ID = "dense-baseline"  # the adapter slot of the dense baseline in evaluate_experts
 
 
 def _routed_nll(model: Any, tokenizer: Any, texts: Sequence[str], choices: Sequence[str | None],
@@ -278,8 +281,10 @@ def _routed_nll(model: Any, tokenizer: Any, texts: Sequence[str], choices: Seque
 
 
 def _topic_nll(model: Any, tokenizer: Any, topic: str, texts: Sequence[str], has_expert: bool,
-               choices: Sequence[str | None] | None, kw: dict[str, Any]) -> dict[str, NLL | None]:
-    """Summed NLL of one topic's texts under the base, its own expert, and the routed experts."""
+               choices: Sequence[str | None] | None, kw: dict[str, Any], *,
+               has_dense: bool = False) -> dict[str, NLL | None]:
+    """Summed NLL of one topic's texts under the base, its own expert, the routed experts and the dense
+    baseline."""
     blocks = build_blocks(tokenizer, texts, kw["seq_len"])
     nll_kw = {"batch_size": kw["batch_size"], "bf16": kw["bf16"]}
     with _using(model, None):
@@ -289,7 +294,11 @@ def _topic_nll(model: Any, tokenizer: Any, topic: str, texts: Sequence[str], has
         with _using(model, topic):
             oracle = blocks_nll(model, blocks, **nll_kw)
     routed = _routed_nll(model, tokenizer, texts, choices, kw) if choices is not None else None
-    return {"base": base, "oracle": oracle, "routed": routed}
+    dense = None
+    if has_dense:
+        with _using(model, DENSE_ID):
+            dense = blocks_nll(model, blocks, **nll_kw)
+    return {"base": base, "oracle": oracle, "routed": routed, "dense": dense}
 
 
 def _scores(nlls: Mapping[str, NLL | None]) -> dict[str, Any]:
@@ -329,7 +338,8 @@ def _check_routed(routed: Mapping[str, Sequence[str | None]] | None, eval_sets: 
 
 def evaluate_experts(base_model: torch.nn.Module, tokenizer: Any, expert_dirs: Mapping[str, str | Path],
                      eval_sets: Mapping[str, Sequence[str]], *,
-                     routed: Mapping[str, Sequence[str | None]] | None = None, seq_len: int = 256,
+                     routed: Mapping[str, Sequence[str | None]] | None = None,
+                     dense_dir: str | Path | None = None, seq_len: int = 256,
                      batch_size: int = 8, bf16: BF16 = "auto") -> dict[str, Any]:
     """Per-topic perplexity of the base model, of the topic's own expert (oracle), and of routed experts.
 
@@ -343,11 +353,13 @@ def evaluate_experts(base_model: torch.nn.Module, tokenizer: Any, expert_dirs: M
         eval_sets: ``{topic_id: held-out texts}``; a topic's oracle expert is the expert of the same id.
         routed: optional ``{topic_id: [expert_id or None, one per text of eval_sets[topic_id]]}``, the
             router's choice for each held-out text (``None`` = no expert, the base model).
+        dense_dir: optional folder of the dense baseline (one LoRA trained on all topics), scored on
+            every topic as ``dense_ppl``.
         seq_len / batch_size / bf16: as in :func:`perplexity`.
 
     Returns:
-        ``{"topics": {topic_id: scores}, "overall": scores}``. ``scores`` holds ``base_ppl``, ``oracle_ppl``
-        and ``routed_ppl`` (``None`` when not measured: no expert of that id, no ``routed`` entry) with the
+        ``{"topics": {topic_id: scores}, "overall": scores}``. ``scores`` holds ``base_ppl``, ``oracle_ppl``,
+        ``routed_ppl`` and ``dense_ppl`` (``None`` when not measured: no expert of that id, no ``routed`` entry) with the
         predicted tokens behind each (``base_tokens``, ``oracle_tokens``, ``routed_tokens``; routed texts
         are regrouped per expert before cutting blocks, so their count may differ by a few tail tokens).
         Per topic, ``routed_to_own`` is the fraction of texts routed to the topic's own expert.
@@ -364,11 +376,15 @@ def evaluate_experts(base_model: torch.nn.Module, tokenizer: Any, expert_dirs: M
         True
     """
     _check_routed(routed, eval_sets, expert_dirs)
+    if dense_dir is not None and DENSE_ID in expert_dirs:
+        raise ValueError(f"expert id {DENSE_ID!r} is reserved for the dense baseline.")
     kw = {"seq_len": seq_len, "batch_size": batch_size, "bf16": bf16}
     routed = routed or {}
-    model = _attach_experts(base_model, expert_dirs) if expert_dirs else base_model
+    adapters = {**expert_dirs, **({DENSE_ID: dense_dir} if dense_dir is not None else {})}
+    model = _attach_experts(base_model, adapters) if adapters else base_model
     try:
-        nlls = {topic: _topic_nll(model, tokenizer, topic, texts, topic in expert_dirs, routed.get(topic), kw)
+        nlls = {topic: _topic_nll(model, tokenizer, topic, texts, topic in expert_dirs, routed.get(topic), kw,
+                                  has_dense=dense_dir is not None)
                 for topic, texts in eval_sets.items()}
     finally:
         if model is not base_model:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,15 @@ ADAPTER_PREFIX = "moin__"
 def adapter_name(expert_id: str) -> str:
     """The PEFT adapter name of an expert: ``moin__<expert_id>`` with dots replaced (PEFT forbids them)."""
     return ADAPTER_PREFIX + expert_id.replace(".", "_")
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Silence one known deprecation warning: peft 0.21 calls transformers 5's ``is_gradient_checkpointing``
+    (renamed ``is_activation_checkpointing``) on every adapter load. Nothing else is filtered."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 @functools.lru_cache(maxsize=2)
@@ -70,8 +82,9 @@ def load_expert(pulled: PullResult, *, base_model: Any = None, tokenizer: Any = 
         base_model, tokenizer = load_base_model(registry.manifest.base_model, endpoint=registry.endpoint,
                                                 token=registry.token, dtype=dtype, device=device)
     name = adapter_name(pulled.expert.expert_id)
-    model = PeftModel.from_pretrained(base_model, str(pulled.path), adapter_name=name, is_trainable=False,
-                                      use_safetensors=True)
+    with quiet_peft():
+        model = PeftModel.from_pretrained(base_model, str(pulled.path), adapter_name=name, is_trainable=False,
+                                          use_safetensors=True)
     n_lora = sum(1 for key, _ in model.named_parameters() if f"lora_A.{name}" in key)
     if n_lora == 0:
         raise MoinHubError(f"Expert {pulled.expert.repo_id!r} matches no module of the base model; "

@@ -51,6 +51,7 @@ from ._config import (
 )
 from ._evaluate import autocast, build_blocks, load_base, perplexity, resolve_bf16
 from ._expert import write_centroid
+from ._loading import quiet_peft
 from ._validators import (
     validate_commit_sha,
     validate_finite_or_none,
@@ -277,7 +278,8 @@ def _add_lora(model: Any, config: TrainConfig, base_model_id: str, base_revision
     model.requires_grad_(False)
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
+    with quiet_peft():
+        peft_model = get_peft_model(model, lora)
     saved = peft_model.peft_config["default"]
     saved.base_model_name_or_path = base_model_id  # not the local folder it was loaded from
     saved.revision = base_revision
@@ -355,6 +357,10 @@ def _fit(model: Any, blocks: torch.Tensor, config: TrainConfig, *, bf16: bool, d
 def _held_out(model: Any, tokenizer: Any, job: TopicJob, config: TrainConfig) -> dict[str, Any]:
     """Perplexity of the expert and of the plain base on the job's held-out texts (empty if none)."""
     if not job.eval_texts:
+        return {}
+    if build_blocks(tokenizer, job.eval_texts, config.seq_len).shape[0] == 0:
+        logger.warning("expert %s: its held-out texts are shorter than one %d-token block; perplexity not measured",
+                       job.expert_id, config.seq_len)
         return {}
     kw = {"seq_len": config.seq_len, "batch_size": config.eval_batch_size, "bf16": config.bf16,
           "max_tokens": config.eval_max_tokens}

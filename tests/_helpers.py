@@ -48,10 +48,10 @@ def embedder_dir() -> Path:
 
 
 def load_local_embedder():  # noqa: ANN201
-    from moin_hub._embed import Embedder, load_sentence_transformer
+    from moin_hub._embed import Embedder, embedding_dimension, load_sentence_transformer
 
     model = load_sentence_transformer(embedder_dir())
-    return Embedder(model, model.get_sentence_embedding_dimension())
+    return Embedder(model, embedding_dimension(model))
 
 
 def _tiny_tokenizer(texts: list[str]):  # noqa: ANN202

@@ -248,6 +248,13 @@ def test_evaluate_experts_oracle_beats_base_and_routing_is_scored(trained, tiny_
     assert topics["astronomy"]["routed_ppl"] == pytest.approx(topics["astronomy"]["base_ppl"])
     assert scores["overall"]["base_tokens"] == sum(t["base_tokens"] for t in topics.values())
     assert not any("lora" in name for name, _ in model.named_modules())  # the base is given back clean
+    assert all(t["dense_ppl"] is None for t in topics.values())
+
+    # a dense baseline is scored on every topic; scoring the cooking expert as one must match its oracle score
+    with_dense = evaluate_experts(model, tokenizer, trained, eval_sets, dense_dir=trained["cooking"], seq_len=32,
+                                  bf16=False)["topics"]
+    assert with_dense["cooking"]["dense_ppl"] == pytest.approx(with_dense["cooking"]["oracle_ppl"])
+    assert with_dense["astronomy"]["dense_ppl"] != pytest.approx(with_dense["astronomy"]["base_ppl"])
     with pytest.raises(ValueError, match="not in expert_dirs"):
         evaluate_experts(model, tokenizer, trained, eval_sets, routed={"cooking": ["nope"] * n})
 

@@ -1,0 +1,494 @@
+"""The MoIN pipeline over one workspace folder: cluster -> train -> evaluate -> push-all.
+
+Every step reads what the previous one wrote, so each can be rerun on its own (a finished expert is
+never retrained). Layout of a workspace::
+
+    moin_workspace.json      base model and embedder (pinned to commits), corpus, clustering parameters
+    documents/train.jsonl    training documents with their topic
+    documents/heldout.jsonl  held-out documents (other source files): ``topic`` from the whole text,
+                             ``routed`` from its first ``query_words`` words, as a query would be routed
+    documents/embeddings.safetensors  train, held-out and query embeddings (float32)
+    topics/                  the TopicModel: centroids, assignments, keywords, metrics
+    experts/<expert_id>/     one trained expert per topic (``topic-00``, ``topic-01``, ...)
+    baselines/dense/         the dense baseline: one LoRA on all topics with the experts' total budget
+    report.json, plots/      what ``evaluate`` measured
+
+The base model and the embedder are always loaded from a Hub (the real one or the local server) at a
+pinned commit, so an expert trained here names exactly the base it adapts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from ._config import EXPERT_METADATA_FILENAME, EmbedderSpec, PinnedModel, _Serializable, utc_now
+from ._corpus import Document, describe, load_brown, load_documents
+from ._embed import download_model_dir, load_embedder
+from ._hub import get_api, resolve_endpoint
+from ._registry import embedder_dimension, resolve_pinned
+from ._train import TopicJob, TrainConfig, is_finished, train_dense, train_experts
+from ._validators import validate_positive_int
+from ._version import __version__
+from .errors import MoinHubError
+
+logger = logging.getLogger(__name__)
+
+WORKSPACE_FILENAME = "moin_workspace.json"
+REPORT_FILENAME = "report.json"
+EMBEDDINGS_FILENAME = "embeddings.safetensors"
+EXPERTS_DIR = "experts"
+DENSE_DIR = "baselines"
+DENSE_ID = "dense"
+#: Words of a held-out document used as its "query" when routing is scored.
+DEFAULT_QUERY_WORDS = 32
+
+
+def topic_expert_id(topic: int) -> str:
+    """The expert id of topic ``topic``: ``topic-00``, ``topic-01``, ..."""
+    return f"topic-{topic:02d}"
+
+
+@dataclass(frozen=True)
+class Workspace(_Serializable):
+    """Contents of ``moin_workspace.json``: what every later step of the pipeline agrees on."""
+
+    _kind: ClassVar[str] = "workspace"
+
+    base_model: PinnedModel = field(metadata={"help": "The frozen base model, pinned to a commit."})
+    embedder: EmbedderSpec = field(metadata={"help": "The embedder of documents, centroids and queries."})
+    corpus: dict[str, Any] = field(default_factory=dict, metadata={"help": "Where the documents came from."})
+    clustering: dict[str, Any] = field(default_factory=dict, metadata={"help": "k, method, seed, metrics."})
+    query_words: int = field(default=DEFAULT_QUERY_WORDS,
+                             metadata={"help": "Words of a held-out document routed as its query."})
+    created_by: str = field(default=f"moin-hub {__version__}", metadata={"help": "Producer and version."})
+    created_at: str = field(default_factory=utc_now, metadata={"help": "ISO-8601 UTC creation time."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.base_model, dict):
+            object.__setattr__(self, "base_model", PinnedModel.from_dict(self.base_model))
+        if isinstance(self.embedder, dict):
+            object.__setattr__(self, "embedder", EmbedderSpec.from_dict(self.embedder))
+        validate_positive_int(self.query_words, field="query_words")
+
+    @classmethod
+    def load(cls, workdir: str | os.PathLike) -> Workspace:
+        """Read ``<workdir>/moin_workspace.json``.
+
+        Raises:
+            MoinHubError: the folder is not a workspace made by ``moin-hub cluster``.
+        """
+        path = Path(workdir) / WORKSPACE_FILENAME
+        if not path.is_file():
+            raise MoinHubError(f"{workdir} is not a moin-hub workspace (no {WORKSPACE_FILENAME}).",
+                               hint="Run `moin-hub cluster --out DIR` first.")
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except ValueError as err:
+            raise MoinHubError(f"{path} is not a valid workspace file: {err}") from None
+
+    def save(self, workdir: str | os.PathLike) -> Path:
+        path = Path(workdir) / WORKSPACE_FILENAME
+        _write_json(path, self.to_dict())
+        return path
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temporary file + ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise MoinHubError(f"{path} is missing: the workspace is incomplete.",
+                           hint="Run `moin-hub cluster` again into this folder.")
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def query_of(text: str, words: int) -> str:
+    """The first ``words`` words of ``text``: what a user's query about this document might look like."""
+    return " ".join(text.split()[:words])
+
+
+def resolve_models(base_model: str, embedder: str, *, base_revision: str | None = None,
+                   embedder_revision: str | None = None, endpoint: str | None = None,
+                   token: str | bool | None = None) -> tuple[PinnedModel, EmbedderSpec]:
+    """Pin the base model and the embedder on the Hub: repo ids + revisions -> commit shas (+ dimension).
+
+    Raises:
+        MoinHubError: a repo or revision is not on the Hub (with a hint for the offline defaults).
+    """
+    api = get_api(endpoint, token)
+    try:
+        base = resolve_pinned(api, base_model, base_revision, what="base model")
+        emb = resolve_pinned(api, embedder, embedder_revision, what="embedder")
+    except MoinHubError as err:
+        raise MoinHubError(str(err), hint="Offline, publish the bundled defaults to your Hub first: "
+                                          "`moin-hub publish-assets --endpoint URL`.") from None
+    dim = embedder_dimension(emb.repo_id, emb.revision, endpoint=api.endpoint, token=token)
+    return base, EmbedderSpec(emb.repo_id, emb.revision, dim=dim)
+
+
+# -------------------------------------------------------------------------------------------- corpus
+
+
+def load_corpus(corpus: str, *, text_column: str = "text", split: str = "train", max_files: int | None = None,
+                heldout_fraction: float = 0.2, seed: int = 0,
+                words_per_doc: int = 200) -> tuple[list[Document], list[Document], dict[str, Any]]:
+    """Load a corpus and split it into training and held-out documents, by source.
+
+    Args:
+        corpus: ``"brown"`` (the bundled Brown Corpus, genre groups as labels), a JSONL / text file or
+            folder, a saved ``datasets`` folder, or a Hub dataset id.
+        text_column: the column holding the text (JSONL and datasets).
+        split: the dataset split to read (datasets only).
+        max_files: Brown only: a balanced subset of this many files, for quick runs.
+        heldout_fraction: the share held out. Brown is split by file (stratified per genre group); other
+            corpora by ``source`` when they have at least 5 sources, else by a hash of the document id.
+        seed: fixes the split.
+        words_per_doc: Brown only: the target words per document.
+
+    Returns:
+        ``(train, heldout, description)``.
+
+    Raises:
+        InvalidCorpusError / AssetNotFoundError: the corpus cannot be read.
+        ValueError: a split leaves no training or no held-out document.
+    """
+    if not 0 < heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction!r}.")
+    if corpus == "brown":
+        kw = {"heldout_fraction": heldout_fraction, "seed": seed, "max_files": max_files,
+              "words_per_doc": words_per_doc}
+        train, heldout = load_brown("train", **kw), load_brown("heldout", **kw)
+        info = {"name": "brown", "max_files": max_files, "words_per_doc": words_per_doc}
+    else:
+        documents = load_documents(corpus, text_column=text_column, split=split)
+        sources = sorted({d.source for d in documents})
+        by_source = len(sources) >= 5
+        key = (lambda d: d.source) if by_source else (lambda d: d.doc_id)  # noqa: E731
+        held = {d for d in documents if _hash_fraction(key(d), seed) < heldout_fraction}
+        train = [d for d in documents if d not in held]
+        heldout = [d for d in documents if d in held]
+        info = {"name": str(corpus), "split_by": "source" if by_source else "document"}
+    if not train or not heldout:
+        raise ValueError(f"splitting the corpus left {len(train)} training and {len(heldout)} held-out "
+                         "documents; give more documents or another heldout_fraction.")
+    info.update(heldout_fraction=heldout_fraction, seed=seed, train=describe(train), heldout=describe(heldout))
+    return train, heldout, info
+
+
+def _hash_fraction(key: str, seed: int) -> float:
+    """A deterministic number in [0, 1) for ``key`` (stable across runs and machines, unlike ``hash``)."""
+    return zlib.crc32(f"{seed}:{key}".encode()) / 2**32
+
+
+# ------------------------------------------------------------------------------------------- cluster
+
+
+def cluster(workdir: str | os.PathLike, train: Sequence[Document], heldout: Sequence[Document], *,
+            base_model: PinnedModel, embedder: EmbedderSpec, k: int = 8, method: str = "kmeans", seed: int = 0,
+            min_cluster_size: int | None = None, corpus_info: dict[str, Any] | None = None,
+            query_words: int = DEFAULT_QUERY_WORDS, endpoint: str | None = None, token: str | bool | None = None,
+            progress: bool = True) -> Workspace:
+    """Embed the documents, find the topics, and write a workspace.
+
+    Held-out documents get two topics: ``topic``, the nearest centroid to the whole text (the
+    "oracle" topic), and ``routed``, the nearest centroid to its first ``query_words`` words (what
+    the router picks from a query).
+
+    Returns:
+        The :class:`Workspace` written to ``<workdir>/moin_workspace.json``.
+    """
+    from ._cluster import cluster_documents, embed_texts, nearest_centroid
+
+    workdir = Path(workdir)
+    model = load_embedder(embedder, endpoint=endpoint, token=token).model
+    labels = [d.label for d in train]
+    has_labels = all(label is not None for label in labels)
+    texts = [d.text for d in train]
+    train_vectors = embed_texts(model, texts, show_progress=progress)
+    topics = cluster_documents(texts, model, k=k, method=method, seed=seed, labels=labels if has_labels else None,
+                               min_cluster_size=min_cluster_size, embeddings=train_vectors)
+    held_texts = [d.text for d in heldout]
+    held_vectors = embed_texts(model, held_texts, show_progress=progress)
+    query_vectors = embed_texts(model, [query_of(t, query_words) for t in held_texts], show_progress=progress)
+    held_topic, _ = nearest_centroid(held_vectors, topics.centroids)
+    routed, _ = nearest_centroid(query_vectors, topics.centroids)
+
+    topics.save(workdir / "topics")
+    train_rows = [{**dataclasses.asdict(d), "topic": int(t)} for d, t in zip(train, topics.training_assignments, strict=True)]
+    held_rows = [{**dataclasses.asdict(d), "topic": int(t), "routed": int(r)}
+                 for d, t, r in zip(heldout, held_topic, routed, strict=True)]
+    _write_jsonl(workdir / "documents" / "train.jsonl", train_rows)
+    _write_jsonl(workdir / "documents" / "heldout.jsonl", held_rows)
+    save_file({"train": train_vectors, "heldout": held_vectors, "queries": query_vectors},
+              str(workdir / "documents" / EMBEDDINGS_FILENAME))
+    clustering = {"k": topics.num_topics, "method": method, "seed": seed, "sizes": topics.sizes,
+                  "metrics": topics.metrics,
+                  "heldout_query_routing_agreement": float(np.mean(held_topic == routed)) if len(routed) else None}
+    workspace = Workspace(base_model=base_model, embedder=embedder, corpus=corpus_info or {},
+                          clustering=clustering, query_words=query_words)
+    workspace.save(workdir)
+    return workspace
+
+
+def _topics(workdir: Path) -> Any:
+    from ._cluster import TopicModel
+
+    return TopicModel.load(workdir / "topics")
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+def make_jobs(workdir: str | os.PathLike, *, max_eval_docs: int | None = 40, n_samples: int = 3,
+              sample_chars: int = 400) -> list[TopicJob]:
+    """One :class:`TopicJob` per topic of the workspace: its documents, centroid, keywords, samples, and
+    held-out documents of the same topic (for the perplexities on the expert's card)."""
+    workdir = Path(workdir)
+    topics = _topics(workdir)
+    train = _read_jsonl(workdir / "documents" / "train.jsonl")
+    heldout = _read_jsonl(workdir / "documents" / "heldout.jsonl")
+    jobs = []
+    for topic in range(topics.num_topics):
+        texts = [row["text"] for row in train if row["topic"] == topic]
+        if not texts:
+            continue
+        evals = [row["text"] for row in heldout if row["topic"] == topic][:max_eval_docs]
+        keywords = topics.keywords[topic] if topics.keywords else []
+        samples = [t if len(t) <= sample_chars else t[:sample_chars].rsplit(" ", 1)[0] + " ..."
+                   for t in texts[:n_samples]]
+        jobs.append(TopicJob(topic_expert_id(topic), texts=texts, centroid=topics.centroids[topic],
+                             keywords=keywords, samples=samples, title=", ".join(keywords[:3]),
+                             eval_texts=evals or None))
+    return jobs
+
+
+def base_model_dir(workspace: Workspace, *, endpoint: str | None = None, token: str | bool | None = None) -> Path:
+    """Download (once, into the HF cache) the workspace's base model at its pinned commit."""
+    return download_model_dir(workspace.base_model.repo_id, workspace.base_model.revision, endpoint=endpoint,
+                              token=token)
+
+
+def train(workdir: str | os.PathLike, config: TrainConfig | None = None, *, workers: int = 1,
+          executor: str = "local", dense: bool = False, endpoint: str | None = None,
+          token: str | bool | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train one expert per topic into ``<workdir>/experts`` (and the dense baseline with ``dense=True``).
+
+    Finished experts are skipped; a failure loses only that expert (see :func:`train_experts`).
+
+    Returns:
+        ``{"experts": {id: folder}, "dense": folder | None, "seconds": wall time, "workers": n,
+        "trained": ids trained by this call}``.
+    """
+    workdir = Path(workdir)
+    workspace = Workspace.load(workdir)
+    config = config or TrainConfig()
+    jobs = make_jobs(workdir)
+    base_dir = str(base_model_dir(workspace, endpoint=endpoint, token=token))
+    kw = {"base_model_dir_or_loader": base_dir, "base_model_id": workspace.base_model.repo_id,
+          "base_revision": workspace.base_model.revision, "progress": progress}
+    todo = [job.expert_id for job in jobs if not is_finished(workdir / EXPERTS_DIR / job.expert_id)]
+    start = time.perf_counter()
+    folders = train_experts(jobs, workdir / EXPERTS_DIR, config, workers=workers, executor=executor, **kw)
+    seconds = time.perf_counter() - start
+    dense_dir = None
+    if dense:
+        dense_dir = train_dense(kw.pop("base_model_dir_or_loader"), jobs, workdir / DENSE_DIR, config,
+                                expert_id=DENSE_ID, **kw)
+    return {"experts": {job.expert_id: str(f) for job, f in zip(jobs, folders, strict=True)},
+            "dense": str(dense_dir) if dense_dir else None, "seconds": round(seconds, 2), "workers": workers,
+            "trained": todo}
+
+
+def expert_dirs(workdir: str | os.PathLike) -> dict[str, Path]:
+    """The finished experts of a workspace, ``{expert_id: folder}``, sorted by id."""
+    root = Path(workdir) / EXPERTS_DIR
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and is_finished(p)}
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+
+
+def evaluate(workdir: str | os.PathLike, *, endpoint: str | None = None, token: str | bool | None = None,
+             seq_len: int = 256, batch_size: int = 8, max_docs_per_topic: int | None = None,
+             plots: bool = True) -> dict[str, Any]:
+    """Held-out perplexity per topic of base, routed expert, oracle expert and dense baseline, plus
+    routing accuracy; writes ``report.json`` and the plots.
+
+    Routing is scored as a user meets it: each held-out document is routed by its first
+    ``query_words`` words; its own topic is the nearest centroid to the whole document. With labels
+    (Brown genre groups), routing is also scored at the label level: a routed document counts as right
+    when its label is the majority label of the topic it was routed to.
+
+    Raises:
+        MoinHubError: no trained experts in the workspace.
+    """
+    from ._evaluate import evaluate_experts, load_base
+
+    workdir = Path(workdir)
+    workspace = Workspace.load(workdir)
+    experts = expert_dirs(workdir)
+    if not experts:
+        raise MoinHubError(f"No trained experts in {workdir / EXPERTS_DIR}.", hint="Run `moin-hub train` first.")
+    heldout = _read_jsonl(workdir / "documents" / "heldout.jsonl")
+    train_rows = _read_jsonl(workdir / "documents" / "train.jsonl")
+    eval_sets: dict[str, list[str]] = {}
+    routed: dict[str, list[str | None]] = {}
+    for row in heldout:
+        topic = topic_expert_id(row["topic"])
+        if max_docs_per_topic is not None and len(eval_sets.get(topic, ())) >= max_docs_per_topic:
+            continue
+        choice = topic_expert_id(row["routed"])
+        eval_sets.setdefault(topic, []).append(row["text"])
+        routed.setdefault(topic, []).append(choice if choice in experts else None)
+    dense_dir = workdir / DENSE_DIR / DENSE_ID
+    start = time.perf_counter()
+    model, tokenizer = load_base(base_model_dir(workspace, endpoint=endpoint, token=token))
+    scores = evaluate_experts(model, tokenizer, experts, eval_sets, routed=routed, seq_len=seq_len,
+                              batch_size=batch_size, dense_dir=dense_dir if is_finished(dense_dir) else None)
+    seconds = time.perf_counter() - start
+    report = {
+        "workspace": str(workdir), "base_model": workspace.base_model.to_dict(),
+        "embedder": workspace.embedder.to_dict(), "corpus": workspace.corpus,
+        "clustering": workspace.clustering, "query_words": workspace.query_words,
+        "routing": routing_scores(train_rows, heldout),
+        "perplexity": scores, "training": _training_summary(experts, dense_dir),
+        "eval_seconds": round(seconds, 2), "created_at": utc_now(), "created_by": f"moin-hub {__version__}",
+    }
+    report["targets"] = check_targets(report)
+    if plots:
+        from ._plots import write_plots
+
+        report["plots"] = [str(p) for p in write_plots(workdir, report, _topics(workdir))]
+    _write_json(workdir / REPORT_FILENAME, report)
+    return report
+
+
+def routing_scores(train_rows: Sequence[dict[str, Any]], heldout_rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Routing accuracy of held-out queries: topic level, and label level when documents have labels."""
+    if not heldout_rows:
+        return {"documents": 0, "topic_accuracy": None, "label_accuracy": None}
+    topic_acc = float(np.mean([row["routed"] == row["topic"] for row in heldout_rows]))
+    scores: dict[str, Any] = {"documents": len(heldout_rows), "topic_accuracy": topic_acc, "label_accuracy": None}
+    if all(row.get("label") is not None for row in [*train_rows, *heldout_rows]):
+        majority = {}
+        for topic in {row["topic"] for row in train_rows}:
+            counts = Counter(row["label"] for row in train_rows if row["topic"] == topic)
+            majority[topic] = counts.most_common(1)[0][0]
+        scores["topic_labels"] = {topic_expert_id(t): label for t, label in sorted(majority.items())}
+        scores["label_accuracy"] = float(np.mean([majority.get(row["routed"]) == row["label"]
+                                                  for row in heldout_rows]))
+    return scores
+
+
+def _training_summary(experts: dict[str, Path], dense_dir: Path) -> dict[str, Any]:
+    summary = {}
+    for expert_id, folder in {**experts, **({DENSE_ID: dense_dir} if is_finished(dense_dir) else {})}.items():
+        path = folder / "moin_training.json"
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            summary[expert_id] = {k: data.get(k) for k in ("steps", "tokens", "seconds", "tokens_per_second",
+                                                            "initial_loss", "final_loss", "topic_tokens")}
+    return summary
+
+
+#: The issue's targets: routed >= 10% below base, within 2% of oracle, no worse than dense; routing > 80%.
+TARGETS = {"routed_vs_base": 0.90, "routed_vs_oracle": 1.02, "routed_vs_dense": 1.0, "label_accuracy": 0.80}
+
+
+def check_targets(report: dict[str, Any]) -> dict[str, Any]:
+    """Compare the measured overall numbers with :data:`TARGETS`; ``met`` is ``None`` when not measured."""
+    overall = report["perplexity"]["overall"]
+    routed, base = overall.get("routed_ppl"), overall.get("base_ppl")
+    oracle, dense = overall.get("oracle_ppl"), overall.get("dense_ppl")
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 4) if a and b else None
+
+    out = {"routed_vs_base": ratio(routed, base), "routed_vs_oracle": ratio(routed, oracle),
+           "routed_vs_dense": ratio(routed, dense), "label_accuracy": report["routing"].get("label_accuracy")}
+    met = {}
+    for name, value in out.items():
+        goal = TARGETS[name]
+        met[name] = None if value is None else (value > goal if name == "label_accuracy" else value <= goal)
+    return {"measured": out, "goals": TARGETS, "met": met}
+
+
+# ------------------------------------------------------------------------------------------- push-all
+
+
+def push_all(workdir: str | os.PathLike, *, registry: str, namespace: str, repo_prefix: str = "moin-",
+             create_registry: bool = True, description: str = "", private: bool = False,
+             endpoint: str | None = None, token: str | bool | None = None, progress: bool = True) -> list[Any]:
+    """Push every finished expert of a workspace into a registry (created if missing), one bar for all.
+
+    Expert ``topic-03`` goes to the model repo ``<namespace>/<repo_prefix><registry name>-topic-03``.
+    Pushing again updates the experts' repos and rows; experts already pushed are not lost when a
+    later one fails (each push is complete on its own).
+
+    Returns:
+        The :class:`PushResult` of each expert.
+    """
+    from ._push import push_expert
+    from ._registry import init_registry
+
+    workdir = Path(workdir)
+    workspace = Workspace.load(workdir)
+    experts = expert_dirs(workdir)
+    if not experts:
+        raise MoinHubError(f"No trained experts in {workdir / EXPERTS_DIR}.", hint="Run `moin-hub train` first.")
+    endpoint = resolve_endpoint(endpoint)
+    if create_registry:
+        init_registry(registry, base_model=workspace.base_model.repo_id, base_revision=workspace.base_model.revision,
+                      embedder=workspace.embedder.repo_id, embedder_revision=workspace.embedder.revision,
+                      embedder_dim=workspace.embedder.dim, description=description, private=private,
+                      exist_ok=True, endpoint=endpoint, token=token)
+    name = registry.split("/", 1)[1]
+    results = []
+    for expert_id, folder in tqdm(experts.items(), desc="Pushing experts", unit="expert", disable=not progress):
+        results.append(push_expert(folder, registry=registry, repo_id=f"{namespace}/{repo_prefix}{name}-{expert_id}",
+                                   private=private, endpoint=endpoint, token=token))
+    return results
+
+
+def expert_metadata(folder: Path) -> dict[str, Any]:
+    """``moin_expert.json`` of an expert folder."""
+    return json.loads((folder / EXPERT_METADATA_FILENAME).read_text(encoding="utf-8"))
+
+
+def read_embeddings(workdir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The embeddings written by :func:`cluster`: ``train``, ``heldout`` and ``queries`` (held-out prefixes)."""
+    return load_file(str(Path(workdir) / "documents" / EMBEDDINGS_FILENAME))

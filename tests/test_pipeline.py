@@ -1,0 +1,141 @@
+"""The pipeline end to end through the CLI: cluster -> train -> evaluate -> push-all -> route.
+
+The fast test runs on the tiny Llama and three small topics through the session's local Hub; the
+`slow` one runs `moin-hub demo` on the real base model and a small Brown slice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moin_hub import Registry, Router
+from moin_hub._pipeline import Workspace, check_targets, load_corpus, routing_scores
+from moin_hub.errors import MoinHubError
+from tests._helpers import QUERIES
+from tests._tiny import TOPIC_TEXTS
+from tests.conftest import BASE_REPO, EMBEDDER_REPO
+from tests.test_cli import invoke
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_corpus(path: Path) -> Path:
+    with path.open("w", encoding="utf-8") as f:
+        for topic, texts in TOPIC_TEXTS.items():
+            for i, text in enumerate(texts):
+                f.write(json.dumps({"id": f"{topic}-{i}", "text": text, "label": topic}) + "\n")
+    return path
+
+
+def run_json(*args: str) -> dict:
+    code, out, err = invoke(*args, "--format", "json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_cluster_train_evaluate_push_route(hub, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    work = tmp_path / "work"
+    hubopts = ("--endpoint", hub.url)
+    clustered = run_json("cluster", str(work), "--corpus", str(corpus), "--k", "3", "--base-model", BASE_REPO,
+                         "--embedder", EMBEDDER_REPO, "--heldout-fraction", "0.3", *hubopts)
+    assert clustered["k"] == 3 and sum(clustered["sizes"]) == clustered["train_documents"]
+    assert clustered["metrics"]["purity"] == 1.0  # three clearly different topics, found exactly
+    workspace = Workspace.load(work)
+    assert workspace.base_model.repo_id == BASE_REPO and len(workspace.base_model.revision) == 40
+    assert workspace.embedder.dim == 384
+
+    train_args = ("train", str(work), "--seq-len", "16", "--batch-size", "2", "--tokens-per-expert", "512",
+                  "--rank", "4", "--lr", "5e-3", "--dense", *hubopts)
+    trained = run_json(*train_args)
+    assert sorted(trained["experts"]) == ["topic-00", "topic-01", "topic-02"]
+    assert sorted(trained["trained"]) == sorted(trained["experts"]) and trained["dense"]
+    again = run_json(*train_args)  # resumable: nothing is retrained
+    assert again["trained"] == []
+
+    report = run_json("evaluate", str(work), "--seq-len", "16", *hubopts)
+    topics = report["perplexity"]["topics"]
+    assert set(topics) <= {"topic-00", "topic-01", "topic-02"} and topics
+    for scores in topics.values():
+        assert scores["oracle_ppl"] < scores["base_ppl"]  # each expert learned its topic
+        assert scores["dense_ppl"] is not None and scores["routed_ppl"] is not None
+    labels = report["routing"]["topic_labels"]
+    assert sorted(labels.values()) == sorted(TOPIC_TEXTS)  # one topic per label
+    assert report["targets"]["measured"]["routed_vs_base"] < 1
+    for plot in report["plots"]:
+        assert Path(plot).read_bytes()[:8] == PNG_MAGIC
+    assert json.loads((work / "report.json").read_text()) == report
+
+    registry_id = "test-org/pipeline-registry"
+    pushed = run_json("push-all", str(work), "--registry", registry_id, "--namespace", "test-org", *hubopts)
+    assert len(pushed["experts"]) == 3
+    registry = Registry.load(registry_id, endpoint=hub.url)
+    assert len(registry) == 3
+    assert registry.manifest.base_model == workspace.base_model
+    assert all(row.perplexity is not None and row.base_perplexity is not None for row in registry.experts)
+
+    router = Router(registry)
+    by_label = {label: expert for expert, label in labels.items()}
+    for topic, query in QUERIES.items():
+        assert router.route(query).best.expert.expert_id == by_label[topic]
+
+
+def test_workspace_errors_are_clear(tmp_path):
+    with pytest.raises(MoinHubError, match="not a moin-hub workspace"):
+        Workspace.load(tmp_path)
+    code, _, err = invoke("evaluate", str(tmp_path))
+    assert code == 1 and "not a moin-hub workspace" in err and "moin-hub cluster" in err
+    assert "Traceback" not in err
+
+
+def test_corpus_split_keeps_sources_apart(tmp_path):
+    train, heldout, info = load_corpus(str(write_corpus(tmp_path / "c.jsonl")), heldout_fraction=0.3)
+    assert train and heldout and not {d.doc_id for d in train} & {d.doc_id for d in heldout}
+    assert info["split_by"] in ("source", "document")
+    assert load_corpus(str(tmp_path / "c.jsonl"), heldout_fraction=0.3)[1] == heldout  # deterministic
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        load_corpus(str(tmp_path / "c.jsonl"), heldout_fraction=1.0)
+
+
+def test_routing_scores_and_targets():
+    train = [{"topic": 0, "label": "a"}, {"topic": 0, "label": "a"}, {"topic": 1, "label": "b"}]
+    held = [{"topic": 0, "routed": 0, "label": "a"}, {"topic": 1, "routed": 0, "label": "b"},
+            {"topic": 1, "routed": 1, "label": "a"}]
+    scores = routing_scores(train, held)
+    assert scores["topic_accuracy"] == pytest.approx(2 / 3)
+    assert scores["label_accuracy"] == pytest.approx(1 / 3)  # only the first lands on a topic of its label
+    assert scores["topic_labels"] == {"topic-00": "a", "topic-01": "b"}
+    report = {"perplexity": {"overall": {"base_ppl": 20.0, "routed_ppl": 17.0, "oracle_ppl": 16.9,
+                                         "dense_ppl": None}},
+              "routing": {"label_accuracy": 0.85}}
+    targets = check_targets(report)
+    assert targets["measured"]["routed_vs_base"] == 0.85 and targets["met"]["routed_vs_base"] is True
+    assert targets["met"]["routed_vs_oracle"] is True and targets["met"]["routed_vs_dense"] is None
+    assert targets["met"]["label_accuracy"] is True
+
+
+@pytest.mark.slow
+def test_demo_runs_the_real_pipeline_on_brown(tmp_path):
+    """`moin-hub demo` on a small Brown slice with the real SmolLM2 base and MiniLM embedder."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "moin_hub", "demo", "--out", str(tmp_path / "demo"), "--max-files", "16",
+         "--k", "2", "--tokens-per-expert", "2048", "--format", "json"],
+        capture_output=True, text=True, env=env, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout)
+    report = json.loads(Path(summary["report"]).read_text())
+    overall = report["perplexity"]["overall"]
+    assert overall["routed_ppl"] < overall["base_ppl"]  # even 2k tokens of training helps on held-out files
+    assert len(summary["answers"]) == 3
+    for answer in summary["answers"]:
+        assert answer["route"]["expert"]["expert_id"] in ("topic-00", "topic-01")
+        assert answer["perplexity"] < answer["base_perplexity"]
+        assert len(answer["verified_files"]) == 4
