@@ -46,6 +46,7 @@ from sklearn.metrics.cluster import contingency_matrix
 from sklearn.preprocessing import normalize
 from tqdm.auto import tqdm
 
+from ._io import write_json
 from ._validators import validate_positive_int
 from ._version import __version__
 from .errors import EmbedderMismatchError, InvalidTopicModelError, UnsafeFileError
@@ -167,8 +168,8 @@ class TopicModel:
             "method": self.method, "params": self.params, "num_topics": self.num_topics, "dim": self.dim,
             "sizes": self.sizes, "keywords": self.keywords, "metrics": self.metrics,
         }
-        _write_json(folder / TOPICS_FILENAME, manifest)
-        _write_json(folder / ASSIGNMENTS_FILENAME, {
+        write_json(folder / TOPICS_FILENAME, manifest)
+        write_json(folder / ASSIGNMENTS_FILENAME, {
             "assignments": self.assignments.tolist(),
             "training_assignments": self.training_assignments.tolist(),
         })
@@ -219,10 +220,6 @@ def _topic_ids(values: Any, k: int, *, field: str, allow_noise: bool = False) ->
     if ids.size and (ids.min() < low or ids.max() >= k):
         raise ValueError(f"{field} must hold topic ids in [{low}, {k - 1}], got {ids.min()} .. {ids.max()}.")
     return ids
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _read_json(folder: Path, name: str) -> dict[str, Any]:

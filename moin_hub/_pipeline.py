@@ -39,6 +39,7 @@ from ._config import EXPERT_METADATA_FILENAME, EmbedderSpec, PinnedModel, _Seria
 from ._corpus import Document, describe, load_brown, load_documents
 from ._embed import download_model_dir, load_embedder
 from ._hub import get_api, resolve_endpoint
+from ._io import write_json, write_jsonl
 from ._registry import embedder_dimension, resolve_pinned
 from ._train import TopicJob, TrainConfig, is_finished, train_dense, train_experts
 from ._validators import validate_positive_int
@@ -102,28 +103,11 @@ class Workspace(_Serializable):
 
     def save(self, workdir: str | os.PathLike) -> Path:
         path = Path(workdir) / WORKSPACE_FILENAME
-        _write_json(path, self.to_dict())
+        write_json(path, self.to_dict())
         return path
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file + ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -249,8 +233,8 @@ def cluster(workdir: str | os.PathLike, train: Sequence[Document], heldout: Sequ
     train_rows = [{**dataclasses.asdict(d), "topic": int(t)} for d, t in zip(train, topics.training_assignments, strict=True)]
     held_rows = [{**dataclasses.asdict(d), "topic": int(t), "routed": int(r)}
                  for d, t, r in zip(heldout, held_topic, routed, strict=True)]
-    _write_jsonl(workdir / "documents" / "train.jsonl", train_rows)
-    _write_jsonl(workdir / "documents" / "heldout.jsonl", held_rows)
+    write_jsonl(workdir / "documents" / "train.jsonl", train_rows)
+    write_jsonl(workdir / "documents" / "heldout.jsonl", held_rows)
     save_file({"train": train_vectors, "heldout": held_vectors, "queries": query_vectors},
               str(workdir / "documents" / EMBEDDINGS_FILENAME))
     clustering = {"k": topics.num_topics, "method": method, "seed": seed, "sizes": topics.sizes,
@@ -393,7 +377,7 @@ def evaluate(workdir: str | os.PathLike, *, endpoint: str | None = None, token: 
         from ._plots import write_plots
 
         report["plots"] = [str(p) for p in write_plots(workdir, report, _topics(workdir))]
-    _write_json(workdir / REPORT_FILENAME, report)
+    write_json(workdir / REPORT_FILENAME, report)
     return report
 
 

@@ -26,7 +26,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import math
 import multiprocessing
@@ -51,6 +50,7 @@ from ._config import (
 )
 from ._evaluate import autocast, build_blocks, load_base, perplexity, resolve_bf16
 from ._expert import write_centroid
+from ._io import write_json
 from ._loading import quiet_peft
 from ._validators import (
     validate_commit_sha,
@@ -256,10 +256,6 @@ def _torch_threads(n_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 # -------------------------------------------------------------------------------------------- training
 
 
@@ -386,12 +382,12 @@ def _write_expert(folder: Path, model: Any, job: TopicJob, config: TrainConfig, 
     model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
     (folder / "README.md").unlink(missing_ok=True)  # PEFT's stub card; push writes the real one
     write_centroid(folder / "centroid.safetensors", job.centroid)
-    _write_json(folder / TRAINING_FILENAME, {"expert_id": job.expert_id, "config": config.to_dict(), **measured,
+    write_json(folder / TRAINING_FILENAME, {"expert_id": job.expert_id, "config": config.to_dict(), **measured,
                                               "created_at": utc_now(), "versions": _versions()})
     held_out = {k: measured[k] for k in ("perplexity", "base_perplexity", "eval_tokens") if k in measured}
     metadata = ExpertMetadata(expert_id=job.expert_id, keywords=job.keywords, n_docs=len(job.texts),
                               n_tokens=measured["tokens"], samples=job.samples, title=job.title, **held_out)
-    _write_json(folder / EXPERT_METADATA_FILENAME, metadata.to_dict())
+    write_json(folder / EXPERT_METADATA_FILENAME, metadata.to_dict())
 
 
 def _train_into(folder: Path, source: BaseSource, job: TopicJob, config: TrainConfig, *, base_model_id: str,
