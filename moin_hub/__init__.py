@@ -36,6 +36,7 @@ __all__ = [
     "load_expert",
     "pull",
     "push_expert",
+    "remove_expert",
 ]
 
 # name -> private module that defines it; imported lazily on first attribute access.
@@ -49,6 +50,7 @@ _LAZY = {
     "Registry": "._registry",
     "init_registry": "._registry",
     "push_expert": "._push",
+    "remove_expert": "._push",
     "Route": "._router",
     "Router": "._router",
     "PullResult": "._pull",
@@ -61,7 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._hub_server import LocalHub
     from ._loading import load_expert
     from ._pull import PullResult, pull
-    from ._push import push_expert
+    from ._push import push_expert, remove_expert
     from ._registry import Registry, init_registry
     from ._router import Route, Router
 

@@ -17,6 +17,7 @@ from huggingface_hub import snapshot_download
 from ._config import EmbedderSpec
 from ._expert import refuse_pickles
 from ._hub import resolve_endpoint
+from ._retry import retry_transient
 from .errors import EmbedderMismatchError, MoinHubError
 
 #: Files fetched for an embedder or a base model: configs, tokenizers, safetensors weights.
@@ -31,10 +32,10 @@ def download_model_dir(repo_id: str, revision: str, *, endpoint: str | None = No
         UnsafeFileError: never raised for skipped pickles; they are simply not downloaded.
         MoinHubError: the repo has no safetensors weights at that revision.
     """
-    folder = Path(snapshot_download(
+    folder = Path(retry_transient(lambda: snapshot_download(
         repo_id, revision=revision, endpoint=resolve_endpoint(endpoint), token=token, cache_dir=cache_dir,
         allow_patterns=list(SAFE_MODEL_PATTERNS), library_name="moin-hub",
-    ))
+    ), what=f"the download of {repo_id}@{revision[:12]}"))
     names = [p.name for p in folder.rglob("*")]
     refuse_pickles(names, where=f"{repo_id}@{revision[:12]}")
     if not any(name.endswith(".safetensors") for name in names):

@@ -295,13 +295,17 @@ class _TokenBook:
 # Fault injection
 
 
+FAULT_KINDS = ("status", "delay", "drop", "drop_after")
+
+
 @dataclass
 class Fault:
     """A misbehaviour the hub applies to matching requests (see :meth:`LocalHub.inject_fault`).
 
     Attributes:
         kind: ``"status"`` (answer ``status`` with a JSON error), ``"delay"`` (sleep ``seconds``, then
-            serve normally) or ``"drop"`` (close the connection without answering).
+            serve normally), ``"drop"`` (close the connection without answering) or ``"drop_after"`` (serve
+            the request, so a commit lands, then close the connection without answering).
         method: HTTP method to match (``None``: any).
         path_regex: searched in the raw request target (path and query).
         times: how many more requests it applies to (``None``: forever).
@@ -317,8 +321,8 @@ class Fault:
     _pattern: re.Pattern = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("status", "delay", "drop"):
-            raise ValueError(f"Fault kind must be 'status', 'delay' or 'drop', got {self.kind!r}")
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"Fault kind must be one of {FAULT_KINDS}, got {self.kind!r}")
         if self.times is not None and self.times < 1:
             raise ValueError(f"Fault times must be >= 1 or None, got {self.times!r}")
         self._pattern = re.compile(self.path_regex)
@@ -1055,6 +1059,10 @@ class _Handler(BaseHTTPRequestHandler):
             reply = _error_reply(HubError(fault.status, f"Injected fault: HTTP {fault.status}"))
         else:
             reply = self._route(hub)
+        if fault is not None and fault.kind == "drop_after":  # the work is done, the answer is lost
+            self.close_connection = True
+            hub._record(self.command, self.path, None)
+            return
         self._send(reply)
         hub._record(self.command, self.path, reply.status)
         if hub.verbose:
@@ -1430,7 +1438,8 @@ class LocalHub:
             method: ``"GET"``, ``"POST"``... (``None``: any method).
             path_regex: regular expression searched in the raw request target, e.g. ``r"/commit/"``.
             kind: ``"status"`` answers ``status`` with ``{"error": ...}``; ``"delay"`` sleeps
-                ``seconds`` and then serves normally; ``"drop"`` closes the connection unanswered.
+                ``seconds`` and then serves normally; ``"drop"`` closes the connection unanswered;
+                ``"drop_after"`` serves the request (a commit lands) and then closes it unanswered.
             times: number of matching requests affected (``None``: until :meth:`clear_faults`).
 
         Returns:

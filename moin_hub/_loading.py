@@ -58,6 +58,25 @@ def load_base_model(base: PinnedModel, *, endpoint: str | None = None, token: st
     return model.eval(), tokenizer
 
 
+def check_adapter_effective(model: Any, name: str, repo_id: str) -> None:
+    """Refuse an adapter that would silently act as the plain base model.
+
+    That happens when its config targets no module of the base (no LoRA layer at all), or when its
+    weights match none of the layers PEFT created (PEFT warns about missing keys and keeps its own init,
+    whose ``lora_B`` is zero: the update ``B @ A`` is then exactly zero).
+
+    Raises:
+        MoinHubError: either case.
+    """
+    b_weights = [p for key, p in model.named_parameters() if f"lora_B.{name}" in key]
+    if not b_weights:
+        raise MoinHubError(f"Expert {repo_id!r} matches no module of the base model; "
+                           "it would act as the plain base model.")
+    if all(not bool(p.detach().abs().sum()) for p in b_weights):
+        raise MoinHubError(f"Expert {repo_id!r} has no effect: none of its weights matched the model's LoRA layers "
+                           "(all lora_B are zero), so it would act as the plain base model.")
+
+
 def load_expert(pulled: PullResult, *, base_model: Any = None, tokenizer: Any = None, dtype: Any = None,
                 device: str | None = None, return_tokenizer: bool = False) -> Any:
     """The registry's base model with the pulled expert applied (a ``peft.PeftModel``).
@@ -85,9 +104,6 @@ def load_expert(pulled: PullResult, *, base_model: Any = None, tokenizer: Any = 
     with quiet_peft():
         model = PeftModel.from_pretrained(base_model, str(pulled.path), adapter_name=name, is_trainable=False,
                                           use_safetensors=True)
-    n_lora = sum(1 for key, _ in model.named_parameters() if f"lora_A.{name}" in key)
-    if n_lora == 0:
-        raise MoinHubError(f"Expert {pulled.expert.repo_id!r} matches no module of the base model; "
-                           "it would act as the plain base model.")
+    check_adapter_effective(model, name, pulled.expert.repo_id)
     model.eval()
     return (model, tokenizer) if return_tokenizer else model

@@ -8,17 +8,28 @@ a row that points at a missing or half-written expert.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
+from huggingface_hub.errors import HfHubHTTPError
 
 from . import _cards
 from ._config import VERIFIED_EXPERT_FILES, ExpertRecord
 from ._expert import ExpertFolder
-from ._hub import get_api, resolve_endpoint
-from ._registry import DEFAULT_MAX_RETRIES, Registry, file_digest, update_registry, upsert_expert
+from ._hub import get_api, http_status, resolve_endpoint
+from ._registry import (
+    DEFAULT_MAX_RETRIES,
+    Registry,
+    file_digest,
+    remove_expert_rows,
+    update_registry,
+    upsert_expert,
+)
+from ._retry import backoff, retry_transient
 from ._validators import validate_repo_id
 from .errors import BaseModelMismatchError
 
@@ -59,6 +70,31 @@ def _card_text(record: ExpertRecord, folder: ExpertFolder, registry: Registry) -
                       stacklevel=3)
         return (f"---\nbase_model: {registry.manifest.base_model.repo_id}\nlibrary_name: peft\n"
                 f"tags:\n- moin\n- moin-expert\n---\n\n# MoIN expert {record.expert_id}\n")
+
+
+def _commit_expert(api: HfApi, repo_id: str, folder: Path, card: bytes, *, message: str, max_retries: int,
+                   sleep: Callable[[float], None] = time.sleep) -> CommitInfo:
+    """One commit of the expert's files and card, made on the head read just before (``parent_commit``).
+
+    Transient failures are retried with a fresh head each time, so a commit whose answer was lost (it
+    landed, the client never heard) is simply made again on top of itself: the files are identical and
+    the registry pins the last commit. A 412 (someone else pushed to this repo meanwhile) is retried too.
+    """
+
+    def attempt() -> CommitInfo:
+        head = api.model_info(repo_id).sha
+        operations = [CommitOperationAdd(name, str(folder / name)) for name in VERIFIED_EXPERT_FILES]
+        operations.append(CommitOperationAdd("README.md", card))
+        return api.create_commit(repo_id, operations, parent_commit=head, commit_message=message)
+
+    for conflict in range(max_retries):
+        try:
+            return retry_transient(attempt, what=f"the commit to {repo_id}")
+        except HfHubHTTPError as err:
+            if http_status(err) != 412 or conflict == max_retries - 1:
+                raise
+            sleep(backoff(conflict))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def push_expert(expert_dir: str | Path, *, registry: str, repo_id: str, expert_id: str | None = None,
@@ -106,16 +142,11 @@ def push_expert(expert_dir: str | Path, *, registry: str, repo_id: str, expert_i
         target_modules=folder.lora.target_modules, adapter_bytes=folder.adapter_bytes, files=tuple(files),
         title=meta.title,
     )
-    operations = [CommitOperationAdd(name, str(folder.path / name)) for name in VERIFIED_EXPERT_FILES]
-    operations.append(CommitOperationAdd("README.md", _card_text(draft, folder, reg).encode()))
-
+    card = _card_text(draft, folder, reg).encode()
     api = get_api(endpoint, token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    head = api.model_info(repo_id).sha
-    commit = api.create_commit(
-        repo_id, operations, parent_commit=head,
-        commit_message=commit_message or f"Push MoIN expert {expert_id} for {registry}",
-    )
+    retry_transient(lambda: api.create_repo(repo_id, private=private, exist_ok=True), what=f"creating {repo_id}")
+    commit = _commit_expert(api, repo_id, folder.path, card, max_retries=max_retries,
+                            message=commit_message or f"Push MoIN expert {expert_id} for {registry}")
     logger.info("pushed %s at %s", repo_id, commit.oid)
     record = ExpertRecord(**{**draft.to_dict(), "revision": commit.oid, "files": files})
     updated = update_registry(registry, upsert_expert(record), endpoint=endpoint, token=token,
@@ -125,3 +156,50 @@ def push_expert(expert_dir: str | Path, *, registry: str, repo_id: str, expert_i
         expert_id=expert_id, repo_id=repo_id, revision=commit.oid, url=f"{endpoint}/{repo_id}",
         registry_id=registry, registry_revision=updated.revision, n_experts=len(updated),
     )
+
+
+@dataclass(frozen=True)
+class RemoveResult:
+    """What a removal did: the registry commit without the expert, and whether its repo was deleted."""
+
+    expert_id: str
+    repo_id: str
+    registry_id: str
+    registry_revision: str
+    n_experts: int
+    repo_deleted: bool
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def remove_expert(expert: str, *, registry: str, delete_repo: bool = False, endpoint: str | None = None,
+                  token: str | bool | None = None, max_retries: int = DEFAULT_MAX_RETRIES) -> RemoveResult:
+    """Remove an expert's row from a registry (conflict-safe), and optionally delete its model repo.
+
+    The row goes first, the repo second: a failure in between leaves an unregistered repo, never a row
+    pointing at a deleted expert. A retried removal whose first commit landed unnoticed is a no-op.
+
+    Args:
+        expert: expert id or repo id.
+        registry: the registry dataset id.
+        delete_repo: also delete the expert's model repo.
+        endpoint / token / max_retries: as in :func:`push_expert`.
+
+    Raises:
+        ExpertNotFoundError: the registry has no such expert.
+        RegistryNotFoundError / RegistryConflictError / HubUnavailableError.
+
+    Example:
+        >>> remove_expert("topic-03", registry="acme/moin-registry")  # doctest: +SKIP
+    """
+    endpoint = resolve_endpoint(endpoint)
+    record = Registry.load(registry, endpoint=endpoint, token=token).get(expert)
+    updated = update_registry(registry, remove_expert_rows(record.expert_id, missing_ok=True), endpoint=endpoint,
+                              token=token, max_retries=max_retries,
+                              commit_message=f"Remove expert {record.expert_id} ({record.repo_id})")
+    if delete_repo:
+        api = get_api(endpoint, token)
+        retry_transient(lambda: api.delete_repo(record.repo_id, missing_ok=True), what=f"deleting {record.repo_id}")
+    return RemoveResult(expert_id=record.expert_id, repo_id=record.repo_id, registry_id=registry,
+                        registry_revision=updated.revision, n_experts=len(updated), repo_deleted=delete_repo)

@@ -51,9 +51,11 @@ from ._hub import (
     resolve_endpoint,
     sha256_file,
 )
+from ._retry import default_attempts, is_transient, retry_transient
 from ._validators import validate_repo_id, validate_vector
 from .errors import (
     ExpertNotFoundError,
+    HubUnavailableError,
     InvalidRegistryError,
     MoinHubError,
     RegistryConflictError,
@@ -221,8 +223,10 @@ class Registry:
         """
         validate_repo_id(registry_id, field="registry")
         endpoint = resolve_endpoint(endpoint)
-        sha = _head_sha(get_api(endpoint, token), registry_id, revision)
-        snapshot = _read_snapshot(registry_id, sha, endpoint=endpoint, token=token)
+        sha = retry_transient(lambda: _head_sha(get_api(endpoint, token), registry_id, revision),
+                              what=f"reading registry {registry_id}")
+        snapshot = retry_transient(lambda: _read_snapshot(registry_id, sha, endpoint=endpoint, token=token),
+                                   what=f"reading registry {registry_id}@{sha[:12]}")
         return cls(registry_id, sha, snapshot.manifest, snapshot.experts, endpoint=endpoint, token=token)
 
     def __len__(self) -> int:
@@ -363,6 +367,11 @@ def init_registry(registry_id: str, *, base_model: str, embedder: str, base_revi
 Mutation = Callable[[RegistryManifest, list[ExpertRecord]], list[ExpertRecord]]
 
 
+def _head_and_snapshot(api: HfApi, registry_id: str, endpoint: str, token: str | bool | None) -> tuple[str, Any]:
+    head = _head_sha(api, registry_id)
+    return head, _read_snapshot(registry_id, head, endpoint=endpoint, token=token)
+
+
 def update_registry(registry_id: str, mutate: Mutation, *, commit_message: str, endpoint: str | None = None,
                     token: str | bool | None = None, max_retries: int = DEFAULT_MAX_RETRIES,
                     sleep: Callable[[float], None] = time.sleep) -> Registry:
@@ -381,24 +390,33 @@ def update_registry(registry_id: str, mutate: Mutation, *, commit_message: str, 
     """
     endpoint = resolve_endpoint(endpoint)
     api = get_api(endpoint, token)
+    transient = 0
     for attempt in range(max_retries):
-        head = _head_sha(api, registry_id)
-        snapshot = _read_snapshot(registry_id, head, endpoint=endpoint, token=token)
+        head, snapshot = retry_transient(lambda: _head_and_snapshot(api, registry_id, endpoint, token),
+                                         what=f"reading registry {registry_id}")
         rows = mutate(snapshot.manifest, list(snapshot.experts))
+        if rows == list(snapshot.experts):  # nothing to change (e.g. a retried update that had landed)
+            return Registry(registry_id, head, snapshot.manifest, rows, endpoint=endpoint, token=token)
         card = _cards.registry_card(snapshot.manifest, rows, registry_id=registry_id, endpoint=endpoint)
         operations = [
             CommitOperationAdd(EXPERTS_FILENAME, experts_to_parquet(rows)),
             CommitOperationAdd("README.md", str(card).encode()),
         ]
         try:
+            # no retry inside: after a transient failure the head may have moved (even by this very
+            # commit, if only its answer was lost), so the whole read-modify-write starts over
             info = api.create_commit(registry_id, operations, repo_type="dataset", parent_commit=head,
                                      commit_message=commit_message)
-        except HfHubHTTPError as err:
-            if http_status(err) != 412:
+        except Exception as err:
+            if http_status(err) != 412 and not is_transient(err):
                 raise
+            if is_transient(err):
+                transient += 1
+                if transient >= default_attempts():
+                    raise HubUnavailableError(f"the commit to registry {registry_id}", transient, err) from err
             delay = min(2.0, 0.05 * 2 ** min(attempt, 5)) * (0.5 + random.random())
-            logger.info("registry %s moved during update (attempt %d); retrying in %.2fs",
-                        registry_id, attempt + 1, delay)
+            logger.info("registry %s: commit not confirmed (%s, attempt %d); retrying in %.2fs",
+                        registry_id, type(err).__name__, attempt + 1, delay)
             sleep(delay)
             continue
         with _SNAPSHOTS_LOCK:
@@ -432,12 +450,16 @@ def upsert_expert(record: ExpertRecord) -> Mutation:
     return mutate
 
 
-def remove_expert_rows(expert: str) -> Mutation:
-    """A mutation that removes the row of ``expert`` (expert id or repo id)."""
+def remove_expert_rows(expert: str, *, missing_ok: bool = False) -> Mutation:
+    """A mutation that removes the row of ``expert`` (expert id or repo id).
+
+    With ``missing_ok`` a missing row is not an error (the result is the same: no such row), which makes a
+    retried removal whose first commit landed unnoticed idempotent.
+    """
 
     def mutate(manifest: RegistryManifest, rows: list[ExpertRecord]) -> list[ExpertRecord]:
         kept = [row for row in rows if expert not in (row.expert_id, row.repo_id)]
-        if len(kept) == len(rows):
+        if len(kept) == len(rows) and not missing_ok:
             raise ExpertNotFoundError(expert)
         return kept
 

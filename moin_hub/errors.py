@@ -175,24 +175,6 @@ class InvalidTopicModelError(MoinHubError, ValueError):
         super().__init__(f"Invalid topic model {path!r}: {reason}")
 
 
-__all__ = [
-    "BaseModelMismatchError",
-    "EmbedderMismatchError",
-    "EmptyQueryError",
-    "ExpertNotFoundError",
-    "ExpertTrainingError",
-    "IncompatibleExpertError",
-    "IntegrityError",
-    "InvalidExpertError",
-    "InvalidRegistryError",
-    "InvalidTopicModelError",
-    "MoinHubError",
-    "RegistryConflictError",
-    "RegistryNotFoundError",
-    "UnsafeFileError",
-]
-
-
 class AssetNotFoundError(MoinHubError, FileNotFoundError):
     """An offline asset (the GGUF base model, the embedder, the Brown Corpus) is missing or cannot be fetched.
 
@@ -216,4 +198,43 @@ class InvalidCorpusError(MoinHubError, ValueError):
         super().__init__(f"Cannot read documents from {source!r}: {reason}")
 
 
-__all__ += ["AssetNotFoundError", "InvalidCorpusError"]
+class HubUnavailableError(MoinHubError, ConnectionError):
+    """The Hub kept failing (5xx, 429, timeouts, dropped connections) through every retry.
+
+    Nothing half-written is left behind: a push that fails this way either never registered the expert
+    or registered it completely, so it can simply be run again.
+
+    Attributes:
+        operation: what was being done ("commit to acme/expert", "download ...").
+        attempts: how many times it was tried.
+        cause: the last error, as ``"Type: message"``.
+    """
+
+    def __init__(self, operation: str, attempts: int, cause: BaseException):
+        self.operation = operation
+        self.attempts = attempts
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        self.cause = f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+        super().__init__(f"The Hub failed {attempts} time(s) during {operation}: {self.cause}",
+                         hint="The Hub may be down or overloaded; nothing half-written was left, run it again later.")
+
+
+__all__ = [
+    "AssetNotFoundError",
+    "BaseModelMismatchError",
+    "EmbedderMismatchError",
+    "EmptyQueryError",
+    "ExpertNotFoundError",
+    "ExpertTrainingError",
+    "HubUnavailableError",
+    "IncompatibleExpertError",
+    "IntegrityError",
+    "InvalidCorpusError",
+    "InvalidExpertError",
+    "InvalidRegistryError",
+    "InvalidTopicModelError",
+    "MoinHubError",
+    "RegistryConflictError",
+    "RegistryNotFoundError",
+    "UnsafeFileError",
+]

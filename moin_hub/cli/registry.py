@@ -36,3 +36,33 @@ def show(registry: str, revision: str | None, endpoint: str | None, token: str |
         return "\n".join(lines)
 
     emit(output_format, data, text)
+
+
+@command.command("verify", epilog=examples("moin-hub registry verify --registry acme/moin-registry"))
+@registry_option
+@click.option("--revision", default=None, help="Registry revision (default: head of main).")
+@hub_options
+def verify(registry: str, revision: str | None, endpoint: str | None, token: str | None, output_format: str) -> None:
+    """Check every expert of a registry as `pull` would (exit code 1 if any is broken).
+
+    \b
+    For each row: its pinned commit exists, its repo holds no pickle, every file matches the
+    recorded sha256, and its adapter names the registry's base model. Files go to the HF cache.
+    """
+    import sys
+
+    from .._pull import verify_registry
+    from .._registry import Registry
+
+    report = verify_registry(Registry.load(registry, revision=revision, endpoint=endpoint, token=token),
+                             token=token)
+
+    def text() -> str:
+        lines = [f"{report.registry_id}@{report.revision[:12]}: {report.checked} expert(s) checked, "
+                 f"{len(report.problems)} problem(s)"]
+        lines += [f"  {expert_id}: {reason}" for expert_id, reason in report.problems.items()]
+        return "\n".join(lines)
+
+    emit(output_format, report.to_dict(), text)
+    if not report.ok:
+        sys.exit(1)
