@@ -29,9 +29,21 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import demo, init_registry, local_hub, pipeline, publish_assets, pull, push_expert, registry, route
+    from . import (
+        demo,
+        init_registry,
+        local_hub,
+        pipeline,
+        publish_assets,
+        pull,
+        push_expert,
+        registry,
+        remove_expert,
+        route,
+    )
 
-    for module in (local_hub, init_registry, push_expert, route, pull, registry, publish_assets, demo):
+    for module in (local_hub, init_registry, push_expert, remove_expert, route, pull, registry, publish_assets,
+                   demo):
         cli.add_command(module.command)
     for command in pipeline.COMMANDS:
         cli.add_command(command)
