@@ -112,7 +112,7 @@ def write_expert(folder: Path, base_dir: Path, embedder, topic: str, *, base_rep
     model = get_peft_model(base, config)
     model.peft_config["default"].base_model_name_or_path = base_repo
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, save_embedding_layers=False)  # "auto" would look the base up on huggingface.co
     texts = TOPIC_TEXTS[topic]
     vectors = embedder.encode(texts)
     centroid = vectors.mean(axis=0)
