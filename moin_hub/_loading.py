@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ._config import PinnedModel
+from ._config import ADAPTER_WEIGHTS_FILENAME, PinnedModel
 from ._embed import download_model_dir
 from ._hub import resolve_endpoint
 from ._pull import PullResult
@@ -58,23 +58,32 @@ def load_base_model(base: PinnedModel, *, endpoint: str | None = None, token: st
     return model.eval(), tokenizer
 
 
-def check_adapter_effective(model: Any, name: str, repo_id: str) -> None:
-    """Refuse an adapter that would silently act as the plain base model.
+def check_adapter_effective(model: Any, name: str, weights_path: Path, repo_id: str) -> None:
+    """Refuse an adapter that would silently not be what it claims.
 
-    That happens when its config targets no module of the base (no LoRA layer at all), or when its
-    weights match none of the layers PEFT created (PEFT warns about missing keys and keeps its own init,
-    whose ``lora_B`` is zero: the update ``B @ A`` is then exactly zero).
+    PEFT builds LoRA layers from the adapter's config and then loads the weights file into them, only
+    warning about keys that match no layer: an adapter whose config targets no module of this base, or
+    whose tensors are named for another architecture, then runs with PEFT's own initialisation (often the
+    plain base model, ``lora_B`` being zero). Every LoRA tensor of the loaded adapter must come from the file.
 
     Raises:
-        MoinHubError: either case.
+        MoinHubError: no LoRA layer was created, or some of its tensors are not in the weights file.
     """
-    b_weights = [p for key, p in model.named_parameters() if f"lora_B.{name}" in key]
-    if not b_weights:
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    expected = set(get_peft_model_state_dict(model, adapter_name=name))
+    if not expected:
         raise MoinHubError(f"Expert {repo_id!r} matches no module of the base model; "
                            "it would act as the plain base model.")
-    if all(not bool(p.detach().abs().sum()) for p in b_weights):
-        raise MoinHubError(f"Expert {repo_id!r} has no effect: none of its weights matched the model's LoRA layers "
-                           "(all lora_B are zero), so it would act as the plain base model.")
+    with safe_open(str(weights_path), framework="np") as handle:
+        stored = set(handle.keys())
+    missing = expected - stored
+    if missing:
+        what = (f"none of its {len(expected)} LoRA tensors is" if missing == expected
+                else f"{len(missing)} of its {len(expected)} LoRA tensors are not")
+        raise MoinHubError(f"Expert {repo_id!r}: {what} in its weights file (e.g. {sorted(missing)[0]!r}); they "
+                           "would keep PEFT's initial values, so the expert would not be what was trained.")
 
 
 def load_expert(pulled: PullResult, *, base_model: Any = None, tokenizer: Any = None, dtype: Any = None,
@@ -104,6 +113,6 @@ def load_expert(pulled: PullResult, *, base_model: Any = None, tokenizer: Any = 
     with quiet_peft():
         model = PeftModel.from_pretrained(base_model, str(pulled.path), adapter_name=name, is_trainable=False,
                                           use_safetensors=True)
-    check_adapter_effective(model, name, pulled.expert.repo_id)
+    check_adapter_effective(model, name, pulled.path / ADAPTER_WEIGHTS_FILENAME, pulled.expert.repo_id)
     model.eval()
     return (model, tokenizer) if return_tokenizer else model
