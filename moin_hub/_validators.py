@@ -112,6 +112,10 @@ def validate_query(query: str) -> str:
     """
     if not isinstance(query, str):
         raise ValueError(f"query must be a string, got {type(query).__name__}.")
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. undecodable bytes from the command line
+        raise ValueError("query is not valid UTF-8 text (it holds undecodable bytes).") from None
     stripped = query.strip()
     if not stripped:
         raise EmptyQueryError()
