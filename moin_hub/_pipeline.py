@@ -41,7 +41,7 @@ from ._embed import download_model_dir, load_embedder
 from ._hub import get_api, resolve_endpoint
 from ._io import write_json, write_jsonl
 from ._registry import embedder_dimension, resolve_pinned
-from ._train import TopicJob, TrainConfig, is_finished, train_dense, train_experts
+from ._train import TRAINING_FILENAME, TopicJob, TrainConfig, is_finished, train_dense, train_experts
 from ._validators import validate_positive_int
 from ._version import __version__
 from .errors import MoinHubError
@@ -401,7 +401,7 @@ def routing_scores(train_rows: Sequence[dict[str, Any]], heldout_rows: Sequence[
 def _training_summary(experts: dict[str, Path], dense_dir: Path) -> dict[str, Any]:
     summary = {}
     for expert_id, folder in {**experts, **({DENSE_ID: dense_dir} if is_finished(dense_dir) else {})}.items():
-        path = folder / "moin_training.json"
+        path = folder / TRAINING_FILENAME
         if path.is_file():
             data = json.loads(path.read_text(encoding="utf-8"))
             summary[expert_id] = {k: data.get(k) for k in ("steps", "tokens", "seconds", "tokens_per_second",

@@ -68,6 +68,8 @@ def test_cluster_train_evaluate_push_route(hub, tmp_path):
     labels = report["routing"]["topic_labels"]
     assert sorted(labels.values()) == sorted(TOPIC_TEXTS)  # one topic per label
     assert report["targets"]["measured"]["routed_vs_base"] < 1
+    assert set(report["training"]) == {"topic-00", "topic-01", "topic-02", "dense"}
+    assert all(t["seconds"] > 0 and t["tokens"] > 0 for t in report["training"].values())
     for plot in report["plots"]:
         assert Path(plot).read_bytes()[:8] == PNG_MAGIC
     assert json.loads((work / "report.json").read_text()) == report

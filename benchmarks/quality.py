@@ -1,0 +1,136 @@
+"""Quality of MoIN experts on the Brown Corpus: base vs routed vs oracle vs dense, in one run.
+
+Stated configuration (the defaults below; change them with the flags):
+    base SmolLM2-135M-Instruct (dequantized Q4_1, fp32 on CPU), embedder all-MiniLM-L6-v2,
+    Brown Corpus: --max-files balanced over the 8 genre groups, 200-word documents, 20% of the files
+    of each group held out; k-means into --k topics; LoRA r=8 (q_proj, v_proj), alpha 16, lr 1e-3,
+    256-token blocks, batch 2, --tokens-per-expert per expert; dense baseline = one LoRA on all topics
+    with k x that budget. Routing is scored with the first 32 words of each held-out document as the query.
+
+It also measures the parallel-training speed-up: the same --ratio-experts small experts trained with
+``--workers 1`` and with ``--workers 2`` (model loading included, as a user sees it).
+
+Everything runs against a local Hub server in a temporary folder, exactly as the demo does.
+Prints one table; ``--json FILE`` also writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-files", type=int, default=100)
+    parser.add_argument("--k", type=int, default=6)
+    parser.add_argument("--tokens-per-expert", type=int, default=24_576)
+    parser.add_argument("--eval-docs-per-topic", type=int, default=20)
+    parser.add_argument("--ratio-experts", type=int, default=4)
+    parser.add_argument("--ratio-tokens", type=int, default=8_192)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--keep", type=Path, default=None, help="Keep the workspace in this folder.")
+    parser.add_argument("--only-speedup", action="store_true",
+                        help="Measure only the workers 2 vs 1 speed-up (on a 24-file slice).")
+    args = parser.parse_args()
+
+    from huggingface_hub import HfApi
+
+    from moin_hub._assets import publish_default_assets
+    from moin_hub._hub_server import LocalHub
+    from moin_hub._pipeline import (
+        base_model_dir,
+        cluster,
+        evaluate,
+        load_corpus,
+        make_jobs,
+        resolve_models,
+        train,
+    )
+    from moin_hub._train import TRAINING_FILENAME, TrainConfig, train_experts
+
+    root = Path(tempfile.mkdtemp(prefix="moin-bench-"))
+    work = args.keep or root / "work"
+    hub = LocalHub(root / "hub").start()
+    try:
+        assets = publish_default_assets(HfApi(endpoint=hub.url))
+        base, embedder = resolve_models(assets["base_model"][0], assets["embedder"][0], endpoint=hub.url)
+        if args.only_speedup:
+            args.max_files, args.k = 24, max(args.k, args.ratio_experts)
+        train_docs, heldout, info = load_corpus("brown", max_files=args.max_files)
+        t0 = time.perf_counter()
+        workspace = cluster(work, train_docs, heldout, base_model=base, embedder=embedder, k=args.k,
+                            corpus_info=info, endpoint=hub.url, progress=False)
+        cluster_s = time.perf_counter() - t0
+        report = trained = None
+        if not args.only_speedup:
+            config = TrainConfig(rank=8, alpha=16, learning_rate=1e-3, batch_size=2,
+                                 tokens_per_expert=args.tokens_per_expert, eval_max_tokens=4096)
+            trained = train(work, config, workers=2, dense=True, endpoint=hub.url, progress=False)
+            report = evaluate(work, endpoint=hub.url, max_docs_per_topic=args.eval_docs_per_topic, plots=False)
+
+        # the parallel-training speed-up: the same small experts (no held-out scoring), 1 vs 2 workers
+        jobs = [type(j)(j.expert_id, texts=j.texts, centroid=j.centroid) for j in make_jobs(work)[: args.ratio_experts]]
+        small = TrainConfig(rank=8, alpha=16, learning_rate=1e-3, batch_size=2, tokens_per_expert=args.ratio_tokens)
+        kw = {"base_model_dir_or_loader": str(base_model_dir(workspace, endpoint=hub.url)),
+              "base_model_id": base.repo_id, "base_revision": base.revision, "progress": False}
+        seconds, per_expert = {}, {}
+        for workers in (1, 2):
+            t0 = time.perf_counter()
+            folders = train_experts(jobs, root / f"ratio-{workers}", small, workers=workers, **kw)
+            seconds[workers] = time.perf_counter() - t0
+            per_expert[workers] = [json.loads((f / TRAINING_FILENAME).read_text())["seconds"] for f in folders]
+    finally:
+        hub.stop()
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+    speedup = [
+        ("workers 2 vs 1 speed-up", f"x{seconds[1] / seconds[2]:.2f}  ({args.ratio_experts} experts x {args.ratio_tokens} "
+                                    f"tokens, loading included: {seconds[1]:.0f} s vs {seconds[2]:.0f} s)"),
+        ("training seconds per expert", f"{sum(per_expert[1]) / len(per_expert[1]):.1f} s with 1 worker (2 threads), "
+                                        f"{sum(per_expert[2]) / len(per_expert[2]):.1f} s with 2 workers (1 thread each)"),
+    ]
+    rows = []
+    if report is not None:
+        overall = report["perplexity"]["overall"]
+        routing = report["routing"]
+        metrics = workspace.clustering["metrics"]
+        per_expert_q = [t["seconds"] for i, t in report["training"].items() if i != "dense"]
+        rows = [
+            ("configuration", f"{args.max_files} Brown files, k={args.k}, {args.tokens_per_expert} tokens/expert, "
+                              "LoRA r=8 q,v, lr 1e-3, batch 2x256; dense = k x tokens"),
+            ("held-out tokens scored", f"{overall['base_tokens']} (from {routing['documents']} held-out documents)"),
+            ("base perplexity", f"{overall['base_ppl']:.3f}"),
+            ("routed-expert perplexity", f"{overall['routed_ppl']:.3f}  (x{overall['routed_ppl'] / overall['base_ppl']:.3f}"
+                                         " of base; target <= 0.90)"),
+            ("oracle-expert perplexity", f"{overall['oracle_ppl']:.3f}  (routed/oracle "
+                                         f"x{overall['routed_ppl'] / overall['oracle_ppl']:.3f}; target <= 1.02)"),
+            ("dense-baseline perplexity", f"{overall['dense_ppl']:.3f}  (routed/dense "
+                                          f"x{overall['routed_ppl'] / overall['dense_ppl']:.3f}; target <= 1.00)"),
+            ("routing accuracy, topic level", f"{routing['topic_accuracy']:.3f}"),
+            ("routing accuracy, genre-group level", f"{routing['label_accuracy']:.3f}  (target > 0.80)"),
+            ("cluster purity / NMI (genre groups)", f"{metrics.get('purity', float('nan')):.3f} / "
+                                                    f"{metrics.get('nmi', float('nan')):.3f}"),
+            ("wall time per expert (2 workers)", f"{sum(per_expert_q) / max(1, len(per_expert_q)):.1f} s training "
+                                                 f"(all experts {trained['seconds']:.0f} s incl. scoring; "
+                                                 f"clustering {cluster_s:.0f} s)"),
+        ]
+    rows += speedup
+    width = max(len(name) for name, _ in rows)
+    print(f"{'quality (Brown)':<{width}}  value")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    if args.json:
+        args.json.write_text(json.dumps({"report": report, "workers_seconds": seconds, "per_expert_seconds": per_expert,
+                                         "cluster_seconds": cluster_s}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
