@@ -59,3 +59,19 @@ def consistency_problems(registry_id: str, endpoint: str, tmp: Path) -> list[str
     report = verify_registry(registry, local_dir=tmp / f"verify-{registry.revision[:12]}")
     problems += [f"{expert}: {reason}" for expert, reason in report.problems.items()]
     return problems
+
+
+def raw_request(base_url: str, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+    """One raw HTTP request with the standard library: ``(status, content type, body)``."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base_url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.getheader("Content-Type", ""), response.read()
+    finally:
+        connection.close()

@@ -10,7 +10,6 @@ import io
 import json
 import math
 
-import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,6 +20,7 @@ from moin_hub import LocalHub, Router, push_expert
 from moin_hub._registry import experts_from_parquet
 from moin_hub._validators import validate_query, validate_repo_id
 from moin_hub.errors import EmptyQueryError, InvalidRegistryError, MoinHubError
+from tests.reliability._tools import raw_request
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 SHA = "a" * 40
@@ -150,26 +150,26 @@ BODIES = st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode
 @given(method=METHODS, path=PATHS, body=BODIES)
 def test_malformed_http_gets_a_4xx_and_changes_nothing(small_hub, method, path, body):
     before = _state(small_hub)
-    with httpx.Client(base_url=small_hub.url, timeout=10) as client:
-        response = client.request(method, path, content=body if method not in ("GET", "HEAD") else None)
-    assert response.status_code < 500, (method, path, body, response.text[:300])
-    if response.status_code >= 400 and method != "HEAD":
-        assert response.headers.get("content-type", "").startswith("application/json")
-        json.loads(response.text)
+    status, content_type, payload = raw_request(small_hub.url, method, path,
+                                                body if method not in ("GET", "HEAD") else None)
+    assert status < 500, (method, path, body, payload[:300])
+    if status >= 400 and method != "HEAD":
+        assert content_type.startswith("application/json")
+        json.loads(payload)
     assert _state(small_hub) == before
 
 
 def test_oversized_bodies_are_refused(small_hub):
     before = _state(small_hub)
-    with httpx.Client(base_url=small_hub.url, timeout=10) as client:
-        response = client.post("/api/models/org/repo/commit/main", content=b"x" * (200 * 1024))
-    assert response.status_code == 413
+    status, _, _ = raw_request(small_hub.url, "POST", "/api/models/org/repo/commit/main", b"x" * (200 * 1024))
+    assert status == 413
     assert _state(small_hub) == before
 
 
 @FUZZ
 @given(card=st.one_of(st.text(max_size=400), st.text(max_size=200).map(lambda t: f"---\n{t}\n---\nbody")))
 def test_card_yaml_is_validated_without_crashing(small_hub, card):
-    with httpx.Client(base_url=small_hub.url, timeout=10) as client:
-        response = client.post("/api/validate-yaml", json={"content": card, "repoType": "model"})
-    assert response.status_code in (200, 400, 422), response.text[:300]
+    status, _, payload = raw_request(small_hub.url, "POST", "/api/validate-yaml",
+                                     json.dumps({"content": card, "repoType": "model"}).encode(),
+                                     {"Content-Type": "application/json"})
+    assert status in (200, 400, 422), payload[:300]
