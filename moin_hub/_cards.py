@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,22 @@ def registry_tag(registry_id: str) -> str:
     return f"moin-registry:{registry_id}"
 
 
+def example_prompt(samples: Sequence[str], keywords: Sequence[str], *, max_words: int = 12) -> str:
+    """A prompt for the card's usage snippets: the start of the first sample, else the keywords.
+
+    Only letters, digits, spaces and ``.,;:!?'-`` are kept, so that it is safe inside the double-quoted
+    Python and shell strings of the card.
+
+    Example:
+        >>> example_prompt(['He said "stop" at $5 and left.'], [])
+        'He said stop at 5 and left.'
+    """
+    text = " ".join(samples[0].split()[:max_words]) if samples and samples[0].strip() else (
+        "Tell me about " + ", ".join(keywords[:3]) if keywords else "Tell me about this topic")
+    cleaned = re.sub(r"[^\w .,;:!?'-]", "", text)
+    return re.sub(r"\s+", " ", cleaned).strip() or "Tell me about this topic"
+
+
 def expert_card(record: ExpertRecord, manifest: RegistryManifest, *, registry_id: str, endpoint: str,
                 samples: list[str], eval_tokens: int = 0) -> ModelCard:
     """Render the model card of an expert repo.
@@ -103,6 +120,7 @@ def expert_card(record: ExpertRecord, manifest: RegistryManifest, *, registry_id
             "embedder_revision": manifest.embedder.revision,
         },
     )
+    prompt = example_prompt(samples, list(record.keywords))
     title = record.title or f"MoIN expert `{record.expert_id}`" + (
         f": {', '.join(record.keywords[:4])}" if record.keywords else ""
     )
@@ -130,15 +148,43 @@ def expert_card(record: ExpertRecord, manifest: RegistryManifest, *, registry_id
         base_perplexity=record.base_perplexity,
         eval_tokens=eval_tokens,
         samples=samples,
+        prompt=prompt,
         centroid_head="[" + ", ".join(f"{x:.4f}" for x in record.centroid[:6]) + ", ...]",
         created_by=f"moin-hub {__version__}",
     )
     return ModelCard(content)
 
 
+def change_cell(perplexity: float | None, base_perplexity: float | None) -> tuple[str, float | None]:
+    """The "Change" cell of the registry table: ``"-20.1% ████"`` (one block per 5% saved) and the number.
+
+    Example:
+        >>> change_cell(40.0, 50.0)
+        ('-20.0% ████', -20.0)
+    """
+    if perplexity is None or not base_perplexity:
+        return "n/a", None
+    pct = 100.0 * (perplexity / base_perplexity - 1.0)
+    blocks = "█" * min(20, round(-pct / 5)) if pct < 0 else ""
+    return f"{pct:+.1f}%" + (f" {blocks}" if blocks else ""), round(pct, 1)
+
+
+def plot_title(path: str) -> str:
+    """``"plots/perplexity_per_expert.png"`` -> ``"Perplexity per expert"``."""
+    stem = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    return stem.replace("_", " ").replace("-", " ").strip().capitalize() or "Plot"
+
+
 def registry_card(manifest: RegistryManifest, experts: list[ExpertRecord], *, registry_id: str,
-                  endpoint: str) -> DatasetCard:
-    """Render the dataset card of a registry: what it is, its experts table, how to use it."""
+                  endpoint: str, plots: Sequence[str] = ()) -> DatasetCard:
+    """Render the dataset card of a registry: what it is, its experts table, plots, how to use it.
+
+    Args:
+        manifest / experts: the registry's manifest and rows.
+        registry_id / endpoint: for links.
+        plots: paths of image files *in the registry repo* (e.g. ``plots/topic_map.png``), shown in a
+            "Plots" section through their ``resolve/main`` URLs; none, no section.
+    """
     card_data = DatasetCardData(
         license="apache-2.0",
         pretty_name=f"MoIN registry {registry_id}",
@@ -158,12 +204,15 @@ def registry_card(manifest: RegistryManifest, experts: list[ExpertRecord], *, re
             ppl = f"? → {record.perplexity:.2f}"
         else:
             ppl = "n/a"
+        change, change_pct = change_cell(record.perplexity, record.base_perplexity)
         rows.append({
             "expert_id": record.expert_id,
             "repo_id": record.repo_id,
             "keywords": [k.replace("|", "/") for k in record.keywords],
             "n_docs": record.n_docs,
             "ppl": ppl,
+            "change": change,
+            "change_pct": change_pct,
             "size": human_size(record.adapter_bytes),
             "revision": record.revision,
         })
@@ -181,6 +230,8 @@ def registry_card(manifest: RegistryManifest, experts: list[ExpertRecord], *, re
         distance=manifest.distance,
         format_version=manifest.format_version,
         experts=rows,
+        plots=[{"title": plot_title(path), "url": f"{endpoint}/datasets/{registry_id}/resolve/main/{path}"}
+               for path in plots],
         created_by=f"moin-hub {__version__}",
     )
     return DatasetCard(content)

@@ -137,6 +137,9 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, echo: Callabl
     echo(f"\nDone in {timings['total']:.0f} s. Workspace: {work}  (report.json, plots/)")
     echo(f"Browse it again: moin-hub local-hub --data {out / 'hub'} --port 8080, then\n"
          f"  HF_ENDPOINT=http://127.0.0.1:8080 moin-hub pull --registry {DEMO_REGISTRY} --query '...'")
+    echo(f"Open the Space (route, generate, browse): moin-hub local-hub --data {out / 'hub'} --port 8080 &\n"
+         f"  HF_ENDPOINT=http://127.0.0.1:8080 moin-hub space --registry {DEMO_REGISTRY}   "
+         "# then browse http://127.0.0.1:7860")
     summary = {"timings": timings, "report": str(work / "report.json"), "registry": DEMO_REGISTRY,
                "trained": trained, "answers": answers, "targets": report["targets"]}
     if keep_hub:

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from moin_hub.cli import cli, main
 from tests._helpers import QUERIES
 
-COMMANDS = ["local-hub", "init-registry", "push-expert", "remove-expert", "route", "pull", "registry", "publish-assets", "cluster",
-            "train", "evaluate", "push-all", "demo"]
+COMMANDS = ["local-hub", "init-registry", "push-expert", "remove-expert", "route", "pull", "registry",
+            "publish-assets", "cluster", "train", "evaluate", "push-all", "demo", "space"]
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})

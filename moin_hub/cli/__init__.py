@@ -40,10 +40,11 @@ def _register() -> None:
         registry,
         remove_expert,
         route,
+        space,
     )
 
     for module in (local_hub, init_registry, push_expert, remove_expert, route, pull, registry, publish_assets,
-                   demo):
+                   demo, space):
         cli.add_command(module.command)
     for command in pipeline.COMMANDS:
         cli.add_command(command)

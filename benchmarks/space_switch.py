@@ -1,0 +1,185 @@
+"""Switching experts in the Space: a warm switch between cached adapters vs the first load of an expert.
+
+Stated configuration: the real default base model (SmolLM2-135M-Instruct, dequantized from the bundled
+Q4_1 GGUF, fp32 on CPU) and embedder (all-MiniLM-L6-v2), published to a local Hub server in a temporary
+folder; --experts LoRA experts (r=8 on q_proj/v_proj, random non-zero weights: loading cost does not
+depend on training) pushed into a registry. The Space's engine (moin_hub._space.SpaceEngine) keeps ONE
+base model and an LRU of adapters:
+
+- first load of an expert = download at the pinned commit + sha256 verification of every file +
+  ``load_adapter`` onto the base model (the public pull path, fresh HF cache);
+- warm switch = ``set_adapter`` between two adapters already in the cache.
+
+Both go through ``SpaceEngine.activate``; the target is warm switch >= 5x faster than a first load. It also
+times the first generated token with a cold vs a warm expert (route + adapter + one decoding step each
+for base and expert), which is what a user of the Space waits for. Prints one table; exit code 1 if the
+target is missed. ``--json FILE`` also writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TOPICS = {
+    "cooking": ["Knead the bread dough for ten minutes until it is smooth and elastic.",
+                "Simmer the tomato sauce with garlic, basil and olive oil for half an hour."],
+    "football": ["The striker scored twice in the second half and the team won the cup final.",
+                 "The referee showed a red card after a dangerous tackle in the penalty area."],
+    "astronomy": ["The telescope observed a distant galaxy whose light left it billions of years ago.",
+                  "Astronomers measure the distance to nearby stars by their parallax."],
+    "gardening": ["Plant the tomato seedlings after the last frost and water them deeply.",
+                  "Prune the roses in late winter and mulch the beds with compost."],
+}
+QUERIES = {
+    "cooking": "How long should bread dough rise before baking?",
+    "football": "Who scored the winning goal in the cup final?",
+    "astronomy": "How far away is the nearest star?",
+    "gardening": "When should I plant tomato seedlings?",
+}
+
+
+def write_expert(folder: Path, base, embedder, topic: str, base_repo: str, seed: int) -> Path:  # noqa: ANN001
+    """A valid expert folder: a random non-zero LoRA (r=8, q/v) on ``base`` and the topic's centroid."""
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from moin_hub._config import ExpertMetadata
+    from moin_hub._expert import write_centroid
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    model.peft_config["default"].base_model_name_or_path = base_repo
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    model.unload()  # take the LoRA layers out of the shared base again
+    centroid = embedder.encode(TOPICS[topic]).mean(axis=0)
+    write_centroid(folder / "centroid.safetensors", centroid / np.linalg.norm(centroid))
+    meta = ExpertMetadata(expert_id=topic, keywords=[topic], n_docs=len(TOPICS[topic]), n_tokens=1000,
+                          samples=TOPICS[topic][:1], title=f"{topic.title()} expert")
+    (folder / "moin_expert.json").write_text(json.dumps(meta.to_dict(), indent=2), encoding="utf-8")
+    return folder
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, default=4, choices=range(3, len(TOPICS) + 1),
+                        help="Experts pushed (the first two are switched between, the last one is cold).")
+    parser.add_argument("--switches", type=int, default=200, help="Warm switches timed.")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="moin-bench-space-"))
+    os.environ["HF_HOME"] = str(root / "hf_home")  # a fresh HF cache: first loads really download
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+    from huggingface_hub import HfApi, constants
+
+    constants.HF_HOME = os.environ["HF_HOME"]
+    constants.HF_HUB_CACHE = str(Path(os.environ["HF_HOME"]) / "hub")
+
+    from moin_hub import init_registry, push_expert
+    from moin_hub._assets import publish_default_assets
+    from moin_hub._embed import load_embedder
+    from moin_hub._hub_server import LocalHub
+    from moin_hub._loading import load_base_model
+    from moin_hub._space import SpaceEngine
+
+    hub = LocalHub(root / "hub").start()
+    try:
+        assets = publish_default_assets(HfApi(endpoint=hub.url))
+        base_repo = assets["base_model"][0]
+        registry = init_registry("bench/space-switch", base_model=base_repo, embedder=assets["embedder"][0],
+                                 endpoint=hub.url)
+        manifest = registry.manifest
+        base, _ = load_base_model(manifest.base_model, endpoint=hub.url)
+        embedder = load_embedder(manifest.embedder, endpoint=hub.url)
+        topics = list(TOPICS)[: args.experts]
+        for seed, topic in enumerate(topics):
+            folder = write_expert(root / "experts" / topic, base, embedder, topic, base_repo, seed)
+            push_expert(folder, registry="bench/space-switch", repo_id=f"bench/space-{topic}", endpoint=hub.url)
+        del base
+
+        engine = SpaceEngine("bench/space-switch", endpoint=hub.url, cache_size=args.experts)
+        t0 = time.perf_counter()
+        engine.warm_up()
+        warm_up_s = time.perf_counter() - t0
+
+        a, b, *others = topics
+        first_loads = []
+        for topic in (a, b, *others[:-1]):
+            _, loaded, seconds = engine.activate(topic)
+            assert loaded, topic
+            first_loads.append(seconds)
+        warm = []
+        for i in range(args.switches):
+            _, loaded, seconds = engine.activate(a if i % 2 else b)
+            assert not loaded
+            warm.append(seconds)
+
+        # the adapters really switch: the same input gives other logits under a and b
+        import torch
+
+        ids = engine.tokenizer(QUERIES[a], return_tensors="pt")["input_ids"]
+        logits = {}
+        for topic in (a, b):
+            name, _, _ = engine.activate(topic)
+            with engine._using(name) as model, torch.inference_mode():
+                logits[topic] = model(input_ids=ids).logits
+        assert not torch.allclose(logits[a], logits[b]), "switching did not change the active adapter"
+
+        def first_token(topic: str) -> float:
+            start = time.perf_counter()
+            next(iter(engine.generate(QUERIES[topic], max_new_tokens=1)))
+            return time.perf_counter() - start
+
+        cold_topic = others[-1]
+        cold_token = first_token(cold_topic)
+        warm_tokens = [first_token(a if i % 2 else b) for i in range(6)]
+    finally:
+        hub.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+    first_ms = statistics.median(first_loads) * 1000
+    warm_ms = statistics.median(warm) * 1000
+    ratio = first_ms / warm_ms
+    token_cold_ms, token_warm_ms = cold_token * 1000, statistics.median(warm_tokens) * 1000
+    rows = [
+        ("configuration", f"{base_repo.split('/')[-1]} fp32 CPU, {args.experts} experts LoRA r=8 q,v, "
+                          f"local Hub, fresh HF cache"),
+        ("adapter size", f"{engine.registry.get(a).adapter_bytes / 1e6:.2f} MB"),
+        ("base model + embedder load from disk (once)", f"{warm_up_s:.2f} s"),
+        ("first load of an expert (download+verify+load_adapter)",
+         f"{first_ms:.1f} ms  (median of {len(first_loads)}: " + ", ".join(f"{s * 1000:.0f}" for s in first_loads)
+         + " ms)"),
+        ("warm switch between two cached experts (set_adapter)",
+         f"{warm_ms:.3f} ms  (median of {len(warm)}; max {max(warm) * 1000:.3f} ms)"),
+        ("ratio first load / warm switch", f"x{ratio:.0f}  (target >= 5: {'met' if ratio >= 5 else 'NOT met'})"),
+        ("first token, cold expert (route+load+1 token)", f"{token_cold_ms:.0f} ms"),
+        ("first token, warm expert (route+switch+1 token)", f"{token_warm_ms:.0f} ms  "
+                                                           f"(x{token_cold_ms / token_warm_ms:.1f} faster)"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print(f"{'space expert switching':<{width}}  value")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    if args.json:
+        args.json.write_text(json.dumps({"first_load_s": first_loads, "warm_switch_s": warm, "warm_up_s": warm_up_s,
+                                         "first_token_cold_s": cold_token, "first_token_warm_s": warm_tokens,
+                                         "ratio": ratio}, indent=2))
+    return 0 if ratio >= 5 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
