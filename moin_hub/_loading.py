@@ -72,7 +72,8 @@ def check_adapter_effective(model: Any, name: str, weights_path: Path, repo_id: 
     from peft import get_peft_model_state_dict
     from safetensors import safe_open
 
-    expected = set(get_peft_model_state_dict(model, adapter_name=name))
+    # save_embedding_layers=False: "auto" would look the base model's config up on the Hub at every load
+    expected = set(get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False))
     if not expected:
         raise MoinHubError(f"Expert {repo_id!r} matches no module of the base model; "
                            "it would act as the plain base model.")

@@ -465,6 +465,11 @@ def push_all(workdir: str | os.PathLike, *, registry: str, namespace: str, repo_
     for expert_id, folder in tqdm(experts.items(), desc="Pushing experts", unit="expert", disable=not progress):
         results.append(push_expert(folder, registry=registry, repo_id=f"{namespace}/{repo_prefix}{name}-{expert_id}",
                                    private=private, endpoint=endpoint, token=token))
+    plots = workdir / "plots"
+    if plots.is_dir() and any(plots.glob("*.png")):
+        from ._registry_plots import publish_plots
+
+        publish_plots(registry, plots, endpoint=endpoint, token=token)  # shown in the registry card from now on
     return results
 
 

@@ -367,9 +367,14 @@ def init_registry(registry_id: str, *, base_model: str, embedder: str, base_revi
 Mutation = Callable[[RegistryManifest, list[ExpertRecord]], list[ExpertRecord]]
 
 
-def _head_and_snapshot(api: HfApi, registry_id: str, endpoint: str, token: str | bool | None) -> tuple[str, Any]:
+def _head_and_snapshot(api: HfApi, registry_id: str, endpoint: str,
+                       token: str | bool | None) -> tuple[str, Any, list[str]]:
+    """The head commit, its snapshot, and the plot images in the repo at that commit (kept in the card)."""
     head = _head_sha(api, registry_id)
-    return head, _read_snapshot(registry_id, head, endpoint=endpoint, token=token)
+    snapshot = _read_snapshot(registry_id, head, endpoint=endpoint, token=token)
+    plots = sorted(f for f in api.list_repo_files(registry_id, repo_type="dataset", revision=head)
+                   if f.startswith("plots/") and f.lower().endswith((".png", ".jpg", ".jpeg", ".svg", ".webp")))
+    return head, snapshot, plots
 
 
 def update_registry(registry_id: str, mutate: Mutation, *, commit_message: str, endpoint: str | None = None,
@@ -392,12 +397,13 @@ def update_registry(registry_id: str, mutate: Mutation, *, commit_message: str, 
     api = get_api(endpoint, token)
     transient = 0
     for attempt in range(max_retries):
-        head, snapshot = retry_transient(lambda: _head_and_snapshot(api, registry_id, endpoint, token),
-                                         what=f"reading registry {registry_id}")
+        head, snapshot, plots = retry_transient(lambda: _head_and_snapshot(api, registry_id, endpoint, token),
+                                                what=f"reading registry {registry_id}")
         rows = mutate(snapshot.manifest, list(snapshot.experts))
         if rows == list(snapshot.experts):  # nothing to change (e.g. a retried update that had landed)
             return Registry(registry_id, head, snapshot.manifest, rows, endpoint=endpoint, token=token)
-        card = _cards.registry_card(snapshot.manifest, rows, registry_id=registry_id, endpoint=endpoint)
+        card = _cards.registry_card(snapshot.manifest, rows, registry_id=registry_id, endpoint=endpoint,
+                                    plots=plots)
         operations = [
             CommitOperationAdd(EXPERTS_FILENAME, experts_to_parquet(rows)),
             CommitOperationAdd("README.md", str(card).encode()),

@@ -81,11 +81,24 @@ def test_cluster_train_evaluate_push_route(hub, tmp_path):
     assert len(registry) == 3
     assert registry.manifest.base_model == workspace.base_model
     assert all(row.perplexity is not None and row.base_perplexity is not None for row in registry.experts)
+    from huggingface_hub import HfApi
+
+    files = HfApi(endpoint=hub.url).list_repo_files(registry_id, repo_type="dataset")
+    assert {"plots/perplexity_per_expert.png", "plots/topic_map.png"} <= set(files)  # the card shows the plots
 
     router = Router(registry)
     by_label = {label: expert for expert, label in labels.items()}
     for topic, query in QUERIES.items():
         assert router.route(query).best.expert.expert_id == by_label[topic]
+
+    # a later registry write (here a removal) keeps the plots in the re-rendered card
+    from huggingface_hub import hf_hub_download
+
+    from moin_hub import remove_expert
+
+    remove_expert("topic-02", registry=registry_id, endpoint=hub.url)
+    card = Path(hf_hub_download(registry_id, "README.md", repo_type="dataset", endpoint=hub.url)).read_text()
+    assert "plots/topic_map.png" in card and "topic-02" not in card.split("## ")[1]
 
 
 def test_workspace_errors_are_clear(tmp_path):
