@@ -16,6 +16,7 @@ import numpy as np
 
 from ._validators import (
     is_commit_sha,
+    short_repr,
     validate_commit_sha,
     validate_finite_or_none,
     validate_positive_int,
@@ -53,7 +54,7 @@ def validate_expert_id(expert_id: str) -> str:
     """Check an expert id: 1-96 chars of letters, digits, '.', '_' or '-', starting alphanumeric."""
     if not isinstance(expert_id, str) or not _EXPERT_ID_RE.match(expert_id):
         raise ValueError(
-            f"expert_id={expert_id!r} must be 1-96 characters of letters, digits, '.', '_' or '-', "
+            f"expert_id={short_repr(expert_id)} must be 1-96 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit."
         )
     return expert_id
@@ -177,7 +178,7 @@ class ExpertMetadata(_Serializable):
         for name in ("n_docs", "n_tokens", "eval_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+                raise ValueError(f"{name} must be a non-negative integer, got {short_repr(value)}.")
         self.perplexity = validate_finite_or_none(self.perplexity, field="perplexity")
         self.base_perplexity = validate_finite_or_none(self.base_perplexity, field="base_perplexity")
 

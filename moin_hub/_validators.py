@@ -21,6 +21,12 @@ _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 MAX_QUERY_CHARS = 100_000
 
 
+def short_repr(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: error messages never echo a huge input back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 15]}...({len(text)} chars)"
+
+
 def validate_repo_id(repo_id: str, *, field: str = "repo_id", namespaced: bool = True) -> str:
     """Check a Hub repo id (``"org/name"``) and return it.
 
@@ -37,13 +43,14 @@ def validate_repo_id(repo_id: str, *, field: str = "repo_id", namespaced: bool =
         'acme/moin-registry'
     """
     if not isinstance(repo_id, str) or not repo_id:
-        raise ValueError(f"{field} must be a non-empty 'org/name' string, got {repo_id!r}.")
+        raise ValueError(f"{field} must be a non-empty 'org/name' string, got {short_repr(repo_id)}.")
     try:
         _hf_validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise ValueError(f"{field}={repo_id!r} is not a valid Hub repo id: {err}") from None
+        raise ValueError(f"{field}={short_repr(repo_id)} is not a valid Hub repo id: "
+                         f"{str(err).splitlines()[0][:200]}") from None
     if namespaced and "/" not in repo_id:
-        raise ValueError(f"{field}={repo_id!r} must include a namespace, like 'org/{repo_id}'.")
+        raise ValueError(f"{field}={short_repr(repo_id)} must include a namespace, like 'org/NAME'.")
     return repo_id
 
 
@@ -55,7 +62,7 @@ def is_commit_sha(revision: str | None) -> bool:
 def validate_commit_sha(revision: str, *, field: str = "revision") -> str:
     """Check that ``revision`` is a full 40-hex commit sha and return it."""
     if not is_commit_sha(revision):
-        raise ValueError(f"{field}={revision!r} must be a full 40-character commit sha.")
+        raise ValueError(f"{field}={short_repr(revision)} must be a full 40-character commit sha.")
     return revision
 
 
@@ -127,7 +134,7 @@ def validate_query(query: str) -> str:
 def validate_positive_int(value: int, *, field: str) -> int:
     """Check that ``value`` is an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{field} must be a positive integer, got {value!r}.")
+        raise ValueError(f"{field} must be a positive integer, got {short_repr(value)}.")
     return value
 
 
@@ -138,7 +145,7 @@ def validate_finite_or_none(value: float | None, *, field: str) -> float | None:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{field} must be a number, got {value!r}.") from None
+        raise ValueError(f"{field} must be a number, got {short_repr(value)}.") from None
     if not math.isfinite(number):
-        raise ValueError(f"{field} must be finite, got {value!r}.")
+        raise ValueError(f"{field} must be finite, got {short_repr(value)}.")
     return number

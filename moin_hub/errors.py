@@ -46,7 +46,8 @@ class InvalidRegistryError(MoinHubError, ValueError):
     def __init__(self, registry_id: str, reason: str):
         self.registry_id = registry_id
         self.reason = reason
-        super().__init__(f"Registry {registry_id!r} is invalid: {reason}")
+        shown = reason if len(reason) <= 500 else f"{reason[:480]}... ({len(reason)} chars)"
+        super().__init__(f"Registry {registry_id!r} is invalid: {shown}")
 
 
 class ExpertNotFoundError(MoinHubError, LookupError):

@@ -13,7 +13,7 @@ import math
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from moin_hub import LocalHub, Router, push_expert
@@ -41,6 +41,7 @@ row = st.fixed_dictionaries(
 
 @FUZZ
 @given(rows=st.lists(row, max_size=4))
+@example(rows=[{"expert_id": "x" * 200_000, "centroid": []}])  # once echoed whole into the error message
 def test_registry_rows_parse_or_fail_with_invalid_registry_error(rows):
     try:
         table = pa.Table.from_pylist(rows)
