@@ -35,6 +35,8 @@ def main() -> int:
     parser.add_argument("--ratio-tokens", type=int, default=8_192)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--keep", type=Path, default=None, help="Keep the workspace in this folder.")
+    parser.add_argument("--threads-per-expert", type=int, default=None,
+                        help="Fix torch threads per expert in the speed-up runs (default: cores // workers).")
     parser.add_argument("--only-speedup", action="store_true",
                         help="Measure only the workers 2 vs 1 speed-up (on a 24-file slice).")
     args = parser.parse_args()
@@ -76,7 +78,8 @@ def main() -> int:
 
         # the parallel-training speed-up: the same small experts (no held-out scoring), 1 vs 2 workers
         jobs = [type(j)(j.expert_id, texts=j.texts, centroid=j.centroid) for j in make_jobs(work)[: args.ratio_experts]]
-        small = TrainConfig(rank=8, alpha=16, learning_rate=1e-3, batch_size=2, tokens_per_expert=args.ratio_tokens)
+        small = TrainConfig(rank=8, alpha=16, learning_rate=1e-3, batch_size=2, tokens_per_expert=args.ratio_tokens,
+                            torch_threads=args.threads_per_expert)
         kw = {"base_model_dir_or_loader": str(base_model_dir(workspace, endpoint=hub.url)),
               "base_model_id": base.repo_id, "base_revision": base.revision, "progress": False}
         seconds, per_expert = {}, {}
@@ -93,8 +96,9 @@ def main() -> int:
     speedup = [
         ("workers 2 vs 1 speed-up", f"x{seconds[1] / seconds[2]:.2f}  ({args.ratio_experts} experts x {args.ratio_tokens} "
                                     f"tokens, loading included: {seconds[1]:.0f} s vs {seconds[2]:.0f} s)"),
-        ("training seconds per expert", f"{sum(per_expert[1]) / len(per_expert[1]):.1f} s with 1 worker (2 threads), "
-                                        f"{sum(per_expert[2]) / len(per_expert[2]):.1f} s with 2 workers (1 thread each)"),
+        ("training seconds per expert", f"{sum(per_expert[1]) / len(per_expert[1]):.1f} s with 1 worker, "
+                                        f"{sum(per_expert[2]) / len(per_expert[2]):.1f} s with 2 workers "
+                                        f"(threads per expert: {args.threads_per_expert or 'cores // workers'})"),
     ]
     rows = []
     if report is not None:
