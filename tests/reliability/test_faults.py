@@ -139,3 +139,16 @@ def test_a_push_killed_mid_way_leaves_a_consistent_registry(target, hub, registr
     registry = Registry.load(registry_id, endpoint=hub.url)
     assert [r.repo_id for r in registry] == [repo] and registry.get("e0").revision == result.revision
     assert consistency_problems(registry_id, hub.url, tmp_path) == []
+
+
+def test_pull_survives_a_client_timeout(hub, pushed, tmp_path, monkeypatch):
+    """A response slower than the client's timeout (1 s here) is abandoned and retried."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    stall = hub.inject_fault("GET", r"/resolve/[0-9a-f]{40}/adapter_model\.safetensors", "delay", seconds=2.5,
+                             times=1)
+    start = time.monotonic()
+    result = pull(expert="e0", registry=pushed, endpoint=hub.url, local_dir=tmp_path / "pulled")
+    assert stall.hits == 1 and (result.path / "adapter_model.safetensors").is_file()
+    assert time.monotonic() - start < 2.4  # it did not wait for the stalled answer
