@@ -52,6 +52,15 @@ def test_route_and_pull_json(hub, registry_id, make_expert, tmp_path):
     assert code == 0, err
     routed = json.loads(out)
     assert routed["expert"]["expert_id"] == "astronomy" and len(routed["runner_ups"]) == 1
+    assert routed["mixture"] == {"mode": "top1", "experts": [{"expert_id": "astronomy", "weight": 1.0}]}
+    code, out, err = invoke("route", "--registry", registry_id, "-q", QUERIES["astronomy"], "--endpoint", hub.url,
+                            "--mode", "topk", "--temperature", "10", "--format", "json")
+    mixed = json.loads(out)["mixture"]["experts"]  # a hot softmax spreads the weight over both experts
+    assert code == 0 and [e["expert_id"] for e in mixed] == ["astronomy", "cooking"]
+    assert mixed[0]["weight"] > mixed[1]["weight"] > 0 and sum(e["weight"] for e in mixed) == pytest.approx(1)
+    code, out, err = invoke("route", "--registry", registry_id, "-q", QUERIES["astronomy"], "--endpoint", hub.url,
+                            "--threshold", "0.99")
+    assert code == 0 and "the base model answers" in out
     code, out, err = invoke("pull", "--registry", registry_id, "-q", QUERIES["cooking"], "--endpoint", hub.url,
                             "--local-dir", str(tmp_path / "pulled"))
     assert code == 0, err

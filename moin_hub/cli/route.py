@@ -31,17 +31,40 @@ def format_routes(result) -> str:  # noqa: ANN001
     epilog=examples(
         "moin-hub route --registry acme/moin-registry --query 'How long do I knead bread dough?'",
         "moin-hub route --registry acme/moin-registry -q 'offside rule' -k 5 --format json",
+        "moin-hub route --registry acme/moin-registry -q 'offside rule' --mode adaptive --threshold 0.1",
     ),
 )
 @registry_option
 @query_option
 @k_option
+@click.option("--mode", type=click.Choice(["top1", "topk", "adaptive"]), default="top1", show_default=True,
+              help="top1: the nearest expert (MoIN); topk: the k nearest, softmax-weighted; adaptive: as few "
+                   "as carry --mass of the probability.")
+@click.option("--mass", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
+              help="adaptive: probability mass the chosen experts must reach.")
+@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True,
+              help="Softmax temperature over the similarities (topk, adaptive).")
+@click.option("--threshold", type=float, default=None,
+              help="Below this best similarity no expert is used (the base model answers).")
 @click.option("--revision", default=None, help="Registry revision (default: head of main).")
 @hub_options
-def command(registry: str, query: str, k: int, revision: str | None, endpoint: str | None, token: str | None,
-            output_format: str) -> None:
-    """Route a query to its nearest experts (cosine to topic centroids) without downloading them."""
+def command(registry: str, query: str, k: int, mode: str, mass: float, temperature: float, threshold: float | None,
+            revision: str | None, endpoint: str | None, token: str | None, output_format: str) -> None:
+    """Route a query to its nearest experts (cosine to topic centroids) without downloading them.
+
+    \b
+    Also prints the mixture the query would get in --mode: which experts, with which weights
+    (none when the best similarity is below --threshold: the base model answers).
+    """
+    from .._mixing import plan_mixture
     from .._router import Router
 
     result = Router.from_registry(registry, revision=revision, endpoint=endpoint, token=token).route(query, k=k)
-    emit(output_format, result.to_dict(), lambda: format_routes(result))
+    mixture = plan_mixture(result, mode=mode, k=k, temperature=temperature, mass=mass, threshold=threshold)
+
+    def text() -> str:
+        mixed = (", ".join(f"{e} x{w:.2f}" for e, w in zip(mixture.experts, mixture.weights, strict=True))
+                 if not mixture.base_only else "none: below the threshold, the base model answers")
+        return f"{format_routes(result)}\nMixture ({mode}): {mixed}"
+
+    emit(output_format, {**result.to_dict(), "mixture": mixture.to_dict()}, text)
