@@ -39,6 +39,10 @@ VERIFIED_EXPERT_FILES = (
     ADAPTER_CONFIG_FILENAME, ADAPTER_WEIGHTS_FILENAME, CENTROID_FILENAME, EXPERT_METADATA_FILENAME,
 )
 
+#: Folder of a registry repo holding plot images shown in its card, and the image suffixes allowed there.
+PLOTS_DIR = "plots"
+PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".webp")
+
 _EXPERT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 

@@ -35,7 +35,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from ._config import EXPERT_METADATA_FILENAME, EmbedderSpec, PinnedModel, _Serializable, utc_now
+from ._config import EmbedderSpec, PinnedModel, _Serializable, utc_now
 from ._corpus import Document, describe, load_brown, load_documents
 from ._embed import download_model_dir, load_embedder
 from ._hub import get_api, resolve_endpoint
@@ -471,11 +471,6 @@ def push_all(workdir: str | os.PathLike, *, registry: str, namespace: str, repo_
 
         publish_plots(registry, plots, endpoint=endpoint, token=token)  # shown in the registry card from now on
     return results
-
-
-def expert_metadata(folder: Path) -> dict[str, Any]:
-    """``moin_expert.json`` of an expert folder."""
-    return json.loads((folder / EXPERT_METADATA_FILENAME).read_text(encoding="utf-8"))
 
 
 def read_embeddings(workdir: str | os.PathLike) -> dict[str, np.ndarray]:

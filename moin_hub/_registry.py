@@ -17,10 +17,9 @@ from __future__ import annotations
 import io
 import json
 import logging
-import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,8 @@ from . import _cards
 from ._config import (
     EXPERTS_FILENAME,
     MANIFEST_FILENAME,
+    PLOT_SUFFIXES,
+    PLOTS_DIR,
     EmbedderSpec,
     ExpertRecord,
     FileDigest,
@@ -51,7 +52,7 @@ from ._hub import (
     resolve_endpoint,
     sha256_file,
 )
-from ._retry import default_attempts, is_transient, retry_transient
+from ._retry import backoff, default_attempts, is_transient, retry_transient
 from ._validators import validate_repo_id, validate_vector
 from .errors import (
     ExpertNotFoundError,
@@ -372,19 +373,26 @@ def _head_and_snapshot(api: HfApi, registry_id: str, endpoint: str,
     """The head commit, its snapshot, and the plot images in the repo at that commit (kept in the card)."""
     head = _head_sha(api, registry_id)
     snapshot = _read_snapshot(registry_id, head, endpoint=endpoint, token=token)
-    plots = sorted(f for f in api.list_repo_files(registry_id, repo_type="dataset", revision=head)
-                   if f.startswith("plots/") and f.lower().endswith((".png", ".jpg", ".jpeg", ".svg", ".webp")))
+    plots = [f for f in api.list_repo_files(registry_id, repo_type="dataset", revision=head) if is_plot_path(f)]
     return head, snapshot, plots
+
+
+def is_plot_path(path: str) -> bool:
+    """True for an image under ``plots/`` of a registry repo (shown in its card)."""
+    return path.startswith(f"{PLOTS_DIR}/") and path.lower().endswith(PLOT_SUFFIXES)
 
 
 def update_registry(registry_id: str, mutate: Mutation, *, commit_message: str, endpoint: str | None = None,
                     token: str | bool | None = None, max_retries: int = DEFAULT_MAX_RETRIES,
+                    extra_files: Mapping[str, str | Path] | None = None,
                     sleep: Callable[[float], None] = time.sleep) -> Registry:
     """Apply ``mutate`` to the registry rows in one optimistic, conflict-safe commit.
 
     ``mutate(manifest, rows)`` returns the new rows; it is called again on the fresh head whenever
     another writer committed first (HTTP 412), so it must be a pure function of its inputs. Errors
-    it raises abort the update (nothing is written).
+    it raises abort the update (nothing is written). ``extra_files`` (``{path in repo: local file}``) are
+    added in the same commit; the plot images among them and those already in the repo are shown in the
+    re-rendered card. Without extra files, rows that do not change make no commit.
 
     Returns:
         The registry at the new commit.
@@ -400,11 +408,13 @@ def update_registry(registry_id: str, mutate: Mutation, *, commit_message: str, 
         head, snapshot, plots = retry_transient(lambda: _head_and_snapshot(api, registry_id, endpoint, token),
                                                 what=f"reading registry {registry_id}")
         rows = mutate(snapshot.manifest, list(snapshot.experts))
-        if rows == list(snapshot.experts):  # nothing to change (e.g. a retried update that had landed)
+        if rows == list(snapshot.experts) and not extra_files:  # nothing to change (e.g. a retried update)
             return Registry(registry_id, head, snapshot.manifest, rows, endpoint=endpoint, token=token)
+        plots = sorted({*plots, *(path for path in extra_files or {} if is_plot_path(path))})
         card = _cards.registry_card(snapshot.manifest, rows, registry_id=registry_id, endpoint=endpoint,
                                     plots=plots)
-        operations = [
+        operations = [CommitOperationAdd(path, str(local)) for path, local in (extra_files or {}).items()]
+        operations += [
             CommitOperationAdd(EXPERTS_FILENAME, experts_to_parquet(rows)),
             CommitOperationAdd("README.md", str(card).encode()),
         ]
@@ -420,7 +430,7 @@ def update_registry(registry_id: str, mutate: Mutation, *, commit_message: str, 
                 transient += 1
                 if transient >= default_attempts():
                     raise HubUnavailableError(f"the commit to registry {registry_id}", transient, err) from err
-            delay = min(2.0, 0.05 * 2 ** min(attempt, 5)) * (0.5 + random.random())
+            delay = backoff(min(attempt, 5), base=0.05, cap=2.0)
             logger.info("registry %s: commit not confirmed (%s, attempt %d); retrying in %.2fs",
                         registry_id, type(err).__name__, attempt + 1, delay)
             sleep(delay)

@@ -1,30 +1,20 @@
 """Put a workspace's plots (``plots/*.png`` from ``moin-hub evaluate``) into a registry and show them in its card.
 
 One commit adds the images under ``plots/`` in the registry dataset repo and re-renders ``README.md``
-with a "Plots" section; like every registry write it is made with ``parent_commit`` = the head it was
-computed from and recomputed when someone else committed first (HTTP 412).
+with a "Plots" section; it is an ordinary registry write (:func:`~moin_hub._registry.update_registry`):
+conflict-safe, retried on 412 and on transient failures.
 """
 
 from __future__ import annotations
 
-import logging
-import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd
-
-from . import _cards
-from ._hub import get_api, http_status, resolve_endpoint
-from ._registry import DEFAULT_MAX_RETRIES, Registry
+from ._config import PLOT_SUFFIXES, PLOTS_DIR
+from ._registry import DEFAULT_MAX_RETRIES, update_registry
 from ._validators import validate_relative_path
-from .errors import MoinHubError, RegistryConflictError, UnsafeFileError
-
-logger = logging.getLogger(__name__)
-
-PLOTS_DIR = "plots"
-PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".webp")
+from .errors import MoinHubError, UnsafeFileError
 
 
 def plot_files(source: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -65,30 +55,14 @@ def publish_plots(registry_id: str, plots: str | Path | Sequence[str | Path], *,
         MoinHubError / UnsafeFileError: a plot is missing or not an image.
         RegistryNotFoundError: no such registry.
         RegistryConflictError: the registry moved on every attempt.
+        HubUnavailableError: the Hub kept failing through every retry.
 
     Example:
         >>> publish_plots("acme/moin-registry", "work/plots")  # doctest: +SKIP
     """
     files = plot_files(plots)
-    endpoint = resolve_endpoint(endpoint)
-    api = get_api(endpoint, token)
-    paths = [f"{PLOTS_DIR}/{path.name}" for path in files]
-    for attempt in range(max_retries):
-        registry = Registry.load(registry_id, endpoint=endpoint, token=token)
-        card = _cards.registry_card(registry.manifest, list(registry.experts), registry_id=registry_id,
-                                    endpoint=endpoint, plots=paths)
-        operations = [CommitOperationAdd(name, str(path)) for name, path in zip(paths, files, strict=True)]
-        operations.append(CommitOperationAdd("README.md", str(card).encode()))
-        try:
-            info = api.create_commit(registry_id, operations, repo_type="dataset", parent_commit=registry.revision,
-                                     commit_message=f"Add {len(files)} plot(s) to the registry card")
-        except Exception as err:
-            if http_status(err) != 412:
-                raise
-            delay = min(2.0, 0.05 * 2 ** min(attempt, 5)) * (0.5 + random.random())
-            logger.info("registry %s moved while adding plots (attempt %d); retrying in %.2fs", registry_id,
-                        attempt + 1, delay)
-            sleep(delay)
-            continue
-        return info.oid
-    raise RegistryConflictError(registry_id, max_retries)
+    updated = update_registry(
+        registry_id, lambda manifest, rows: rows, commit_message=f"Add {len(files)} plot(s) to the registry card",
+        extra_files={f"{PLOTS_DIR}/{path.name}": path for path in files}, endpoint=endpoint, token=token,
+        max_retries=max_retries, sleep=sleep)
+    return updated.revision
