@@ -149,21 +149,12 @@ def test_registry_loads_with_plain_datasets_and_pandas(hub, registry_id, make_ex
 
 @pytest.mark.e2e
 def test_eight_processes_pushing_at_once_lose_no_row(hub, registry_id, make_expert, tmp_path):
+    from tests.reliability._tools import race_pushes, subprocess_env
+
     folders = [make_expert("cooking", expert_id=f"e{i}", seed=i) for i in range(8)]
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "procs_hf_home"),
-           "PYTHONPATH": str(ROOT)}
-    env.pop("HF_HUB_CACHE", None)
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "moin_hub", "push-expert", str(folder), "--registry", registry_id,
-                          "--repo-id", f"test-org/race-{i}", "--format", "json"],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i, folder in enumerate(folders)
-    ]
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-2000:]
-        results.append(json.loads(out))
+    results, failures = race_pushes(folders, registry_id, [f"test-org/race-{i}" for i in range(8)],
+                                    subprocess_env(hub.url, tmp_path / "procs_hf_home"), timeout=300)
+    assert not failures, failures[0]
     registry = Registry.load(registry_id, endpoint=hub.url)
     assert sorted(r.expert_id for r in registry) == sorted(f"e{i}" for i in range(8))
     for result in results:
