@@ -25,16 +25,8 @@ from huggingface_hub import constants
 
 from moin_hub import errors, init_registry, push_expert
 from moin_hub._config import ADAPTER_WEIGHTS_FILENAME
-from moin_hub._space import (
-    AdapterCache,
-    AdapterSlot,
-    SpaceEngine,
-    centroid_map,
-    check_text,
-    next_token,
-    parse_base_model,
-    plan_evictions,
-)
+from moin_hub._engine import AdapterCache, AdapterSlot, parse_base_model, plan_evictions
+from moin_hub._space import SpaceEngine, centroid_map, check_text, next_token
 from tests import _helpers
 from tests._helpers import QUERIES
 from tests.conftest import BASE_REPO, EMBEDDER_REPO

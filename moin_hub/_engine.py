@@ -1,0 +1,730 @@
+"""One base model, many experts: the adapter cache and batched generation behind `serve`, the Space and Ray.
+
+An :class:`ExpertEngine` holds ONE base model in memory and an LRU of PEFT adapters on it, keyed by
+``(repo_id, commit sha)``. Experts come through the verified pull path (:func:`~moin_hub._pull.download_expert`:
+the registry's pinned commit, every file's sha256 checked, safetensors only); the disk tier is the HF cache.
+A switch between loaded experts is ``set_adapter``, not a reload.
+
+The cache:
+
+- has a budget in adapters (``cache_size``) and optionally in bytes (``cache_bytes``);
+- never evicts an adapter a running request holds, nor a pinned one (:meth:`ExpertEngine.pin`);
+- decides evictions with the pure function :func:`plan_evictions` (least recently used first);
+- can prefetch the runner-up experts of a route in the background: downloaded to disk always, loaded into
+  memory only while the cache has room (a prefetch never evicts).
+
+Several experts can be mixed (routing modes ``topk``/``adaptive``, :mod:`moin_hub._mixing`): the engine
+loads each and activates a weighted ``cat`` combination of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._config import ADAPTER_WEIGHTS_FILENAME, ExpertRecord, PinnedModel
+from ._hub import get_api, resolve_endpoint
+from ._mixing import MIXTURE_SLOT, Mixture, plan_mixture
+from ._registry import Registry, resolve_pinned
+from ._router import Router, RouteResult
+from .errors import IncompatibleExpertError, MoinHubError
+
+logger = logging.getLogger(__name__)
+
+#: Adapters kept loaded on the base model by default.
+DEFAULT_CACHE_SIZE = 4
+
+AdapterKey = tuple[str, str]  # (repo_id, commit sha)
+
+
+def plan_evictions(order: Sequence[Hashable], capacity: int, in_use: Collection[Hashable] = (), *,
+                   sizes: Mapping[Hashable, int] | None = None, max_bytes: int | None = None,
+                   pinned: Collection[Hashable] = ()) -> list[Hashable]:
+    """Which cached adapters to drop so that at most ``capacity`` stay (and, with ``max_bytes``, their sizes
+    sum to at most ``max_bytes``): least recently used first.
+
+    Args:
+        order: cached keys, least recently used first.
+        capacity: how many may stay (>= 0).
+        in_use: keys a running request holds; never evicted, even if the cache stays over budget.
+        sizes: bytes of each key (missing keys count 0); needed with ``max_bytes``.
+        max_bytes: the byte budget, or None for none.
+        pinned: keys the user pinned; never evicted.
+
+    Returns:
+        The keys to evict, in eviction order.
+
+    Example:
+        >>> plan_evictions(["a", "b", "c"], 2, in_use={"a"})
+        ['b']
+        >>> plan_evictions(["a", "b", "c"], 3, sizes={"a": 5, "b": 5, "c": 5}, max_bytes=10, pinned={"a"})
+        ['b']
+    """
+    sizes = sizes or {}
+    count_excess = len(order) - max(0, capacity)
+    byte_excess = sum(sizes.get(key, 0) for key in order) - max_bytes if max_bytes is not None else 0
+    victims = []
+    for key in order:
+        if count_excess <= 0 and byte_excess <= 0:
+            break
+        if key in in_use or key in pinned:
+            continue
+        victims.append(key)
+        count_excess -= 1
+        byte_excess -= sizes.get(key, 0)
+    return victims
+
+
+@dataclass
+class AdapterSlot:
+    """A loaded adapter: its PEFT name, its expert, its size, and how many running requests hold it."""
+
+    key: AdapterKey
+    name: str
+    expert_id: str
+    in_use: int = 0
+    load_seconds: float = 0.0
+    nbytes: int = 0
+    pinned: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"expert_id": self.expert_id, "repo_id": self.key[0], "revision": self.key[1], "adapter": self.name,
+                "in_use": self.in_use, "pinned": self.pinned, "bytes": self.nbytes,
+                "load_seconds": round(self.load_seconds, 4)}
+
+
+class AdapterCache:
+    """An LRU of loaded adapters with pinning and a count (and optional byte) budget; eviction is decided
+    by :func:`plan_evictions`.
+
+    Not thread-safe on its own: the engine calls it under its lock.
+
+    Args:
+        capacity: adapters kept loaded.
+        on_evict: called with each evicted :class:`AdapterSlot` (the engine deletes the PEFT adapter).
+        max_bytes: the most bytes of adapter weights kept loaded (None: no byte budget).
+    """
+
+    def __init__(self, capacity: int, on_evict: Callable[[AdapterSlot], None], *, max_bytes: int | None = None):
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"cache_size must be a positive integer, got {capacity!r}.")
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)
+                                      or max_bytes < 1):
+            raise ValueError(f"cache_bytes must be a positive integer, got {max_bytes!r}.")
+        self.capacity = capacity
+        self.max_bytes = max_bytes
+        self._on_evict = on_evict
+        self._slots: OrderedDict[AdapterKey, AdapterSlot] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._slots
+
+    def keys(self) -> list[AdapterKey]:
+        """Cached keys, least recently used first."""
+        return list(self._slots)
+
+    def slots(self) -> list[AdapterSlot]:
+        """Cached slots, least recently used first."""
+        return list(self._slots.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(slot.nbytes for slot in self._slots.values())
+
+    def has_room(self, nbytes: int = 0) -> bool:
+        """True if one more adapter of ``nbytes`` fits without evicting anything."""
+        if len(self._slots) >= self.capacity:
+            return False
+        return self.max_bytes is None or self.nbytes + nbytes <= self.max_bytes
+
+    def get(self, key: AdapterKey) -> AdapterSlot | None:
+        """The slot of ``key`` (marked most recently used), or None."""
+        slot = self._slots.get(key)
+        if slot is not None:
+            self._slots.move_to_end(key)
+        return slot
+
+    def peek(self, key: AdapterKey) -> AdapterSlot | None:
+        """The slot of ``key`` without marking it used, or None."""
+        return self._slots.get(key)
+
+    def add(self, slot: AdapterSlot) -> list[AdapterSlot]:
+        """Insert ``slot`` as most recently used and evict over budget; return the evicted slots."""
+        self._slots[slot.key] = slot
+        self._slots.move_to_end(slot.key)
+        return self.shrink(keep=slot.key)
+
+    def shrink(self, keep: AdapterKey | None = None) -> list[AdapterSlot]:
+        """Evict down to the budget (never ``keep``, a slot in use or a pinned slot); return the evicted."""
+        in_use = {key for key, s in self._slots.items() if s.in_use > 0 or key == keep}
+        pinned = {key for key, s in self._slots.items() if s.pinned}
+        sizes = {key: s.nbytes for key, s in self._slots.items()}
+        evicted = []
+        for key in plan_evictions(list(self._slots), self.capacity, in_use, sizes=sizes, max_bytes=self.max_bytes,
+                                  pinned=pinned):
+            victim = self._slots.pop(key)
+            self._on_evict(victim)
+            evicted.append(victim)
+        return evicted
+
+
+@dataclass
+class EngineStats:
+    """Counters of an engine, for ``/metrics`` and benchmarks (monotonic, except the gauges read live)."""
+
+    cache_hits: int = 0
+    cache_misses: int = 0
+    loads: int = 0
+    load_seconds: float = 0.0
+    evictions: int = 0
+    prefetched: int = 0
+    prefetch_errors: int = 0
+    mixtures: int = 0
+    batches: int = 0
+    batched_requests: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    generation_seconds: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **amounts: float) -> None:
+        with self.lock:
+            for name, amount in amounts.items():
+                setattr(self, name, getattr(self, name) + amount)
+
+    def snapshot(self) -> dict[str, float]:
+        with self.lock:
+            return {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "lock"}
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The output of one prompt of a batch: new token ids, their text, why it stopped."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A routed query: the route, the mixture of experts it gets (empty: the base model), the time taken."""
+
+    route: RouteResult
+    mixture: Mixture
+    route_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.route.to_dict(), "mixture": self.mixture.to_dict(), "route_ms": round(self.route_ms, 3)}
+
+
+def parse_base_model(value: str) -> tuple[str, str | None]:
+    """``"org/name@rev"`` -> ``("org/name", "rev")``; ``"org/name"`` -> ``("org/name", None)``."""
+    repo_id, _, revision = value.strip().partition("@")
+    return repo_id, (revision or None)
+
+
+def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """``text`` cut before the first occurrence of any stop string; True if one was found.
+
+    Example:
+        >>> truncate_at_stop("a cat. A dog.", ["."])
+        ('a cat', True)
+    """
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class ExpertEngine:
+    """Registry + router + one base model + an LRU of PEFT adapters (thread-safe).
+
+    Every forward pass and adapter switch happens under one lock (the active adapter is state of the model).
+
+    Args:
+        registry: the registry id (``"org/name"``) or a loaded :class:`~moin_hub.Registry`.
+        revision: registry revision (default: head of main; :meth:`refresh` follows the head).
+        endpoint / token: Hub settings (``token=None`` lets the Hub client find one; it is never shown).
+        base_model: override the registry's base model: a Hub id (``"org/name"`` or ``"org/name@rev"``,
+            resolved to a commit) or a local folder. Its architecture must match the experts'.
+        cache_size: adapters kept loaded.
+        cache_bytes: the most bytes of adapter weights kept loaded (None: only ``cache_size`` counts).
+        prefetch: how many runner-up experts of each route to prefetch in the background (0: none).
+        device: torch device (default: CUDA if available, else CPU).
+
+    Example:
+        >>> engine = ExpertEngine("acme/moin-registry", cache_size=8)  # doctest: +SKIP
+        >>> plan = engine.plan("How long should bread dough rise?")  # doctest: +SKIP
+        >>> engine.generate_batch([engine.encode("Bread dough")], plan.mixture, max_new_tokens=[16])  # doctest: +SKIP
+    """
+
+    def __init__(self, registry: str | Registry, *, revision: str | None = None, endpoint: str | None = None,
+                 token: str | bool | None = None, base_model: str | None = None,
+                 cache_size: int = DEFAULT_CACHE_SIZE, cache_bytes: int | None = None, prefetch: int = 0,
+                 device: str | None = None):
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"prefetch must be a whole number >= 0, got {prefetch!r}.")
+        if isinstance(registry, Registry):
+            self._registry = registry
+        else:
+            self._registry = Registry.load(registry, revision=revision, endpoint=endpoint, token=token)
+        self._follow_head = revision is None
+        self.endpoint = self._registry.endpoint if endpoint is None else resolve_endpoint(endpoint)
+        self._token = token
+        self.base_model_override = base_model.strip() if base_model else None
+        self._device = device
+        self.prefetch_count = prefetch
+        self._router = Router(self._registry)
+        self._lock = threading.RLock()
+        self._base: Any = None
+        self._peft: Any = None
+        self._tokenizer: Any = None
+        self._mixture_key: tuple[tuple[str, float], ...] | None = None
+        self.base_model_label = ""
+        self.stats = EngineStats()
+        self._cache = AdapterCache(cache_size, self._evict, max_bytes=cache_bytes)
+        self._prefetcher: ThreadPoolExecutor | None = None
+        self._prefetching: dict[AdapterKey, Future] = {}
+
+    # ----------------------------------------------------------------------------------------- registry
+
+    @property
+    def registry(self) -> Registry:
+        """The registry at the commit the engine currently serves."""
+        return self._registry
+
+    @property
+    def router(self) -> Router:
+        return self._router
+
+    def refresh(self) -> bool:
+        """Follow the registry's head (unless a revision was pinned); True if it moved.
+
+        The embedder and loaded adapters are kept: adapters are keyed by (repo, commit), so an expert
+        pushed again is loaded fresh and the old one ages out of the LRU.
+        """
+        if not self._follow_head:
+            return False
+        registry = Registry.load(self._registry.registry_id, endpoint=self.endpoint, token=self._token)
+        if registry.revision == self._registry.revision:
+            return False
+        router = Router(registry, embedder=self._router.embedder)
+        with self._lock:
+            self._registry, self._router = registry, router
+        return True
+
+    def plan(self, query: str, *, mode: str = "top1", k: int = 3, temperature: float = 0.05, mass: float = 0.8,
+             threshold: float | None = None) -> Plan:
+        """Route ``query`` and choose its mixture (see :func:`~moin_hub._mixing.mix_weights`); prefetch the
+        runner-ups when ``prefetch`` is set.
+
+        Raises:
+            EmptyQueryError / ValueError: empty query or bad mixing numbers.
+            ExpertNotFoundError: the registry has no experts.
+        """
+        start = time.perf_counter()
+        route = self._router.route(query, k=max(k, 1 + self.prefetch_count))
+        mixture = plan_mixture(route, mode=mode, k=k, temperature=temperature, mass=mass, threshold=threshold)
+        if self.prefetch_count:
+            chosen = set(mixture.experts)
+            runners = [r.expert for r in route.routes if r.expert.expert_id not in chosen]
+            self.prefetch(runners[: self.prefetch_count])
+        return Plan(route, mixture, (time.perf_counter() - start) * 1000)
+
+    # ----------------------------------------------------------------------------------------- models
+
+    def warm_up(self) -> None:
+        """Load the embedder and the base model now, so that the first request is fast."""
+        _ = self._router.embedder
+        self._load_base()
+
+    def _load_base(self) -> tuple[Any, Any]:
+        with self._lock:
+            if self._base is not None:
+                return self._base, self._tokenizer
+            import torch
+
+            from ._evaluate import load_base
+            from ._loading import load_base_model
+
+            device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
+            override = self.base_model_override
+            manifest_base = self._registry.manifest.base_model
+            if override and Path(override).is_dir():
+                model, tokenizer = load_base(override)
+                model.to(device)
+                self.base_model_label = f"{override} (local folder)"
+            else:
+                pinned = manifest_base
+                if override:
+                    repo_id, revision = parse_base_model(override)
+                    pinned = resolve_pinned(get_api(self.endpoint, self._token), repo_id, revision,
+                                            what="base model")
+                model, tokenizer = load_base_model(pinned, endpoint=self.endpoint, token=self._token,
+                                                   device=device)
+                self.base_model_label = f"{pinned.repo_id}@{pinned.revision[:12]}"
+            if override:
+                self.base_model_label += f" (override of {manifest_base.repo_id})"
+                logger.warning("Serving experts of %s on the base model %s", manifest_base.repo_id, override)
+            self._base, self._tokenizer = model, tokenizer
+            return model, tokenizer
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._load_base()[1]
+
+    @property
+    def has_chat_template(self) -> bool:
+        """True if the base model's tokenizer has a chat template (an instruct model)."""
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def base_model(self) -> PinnedModel:
+        """The registry's pinned base model (see ``base_model_label`` for what is actually loaded)."""
+        return self._registry.manifest.base_model
+
+    def max_context(self) -> int:
+        """The base model's context length (2048 when its config does not say)."""
+        return getattr(self._load_base()[0].config, "max_position_embeddings", None) or 2048
+
+    def cached_experts(self) -> list[str]:
+        """Expert ids whose adapters are loaded, least recently used first."""
+        with self._lock:
+            return [slot.expert_id for slot in self._cache.slots()]
+
+    def is_loaded(self, record: ExpertRecord) -> bool:
+        with self._lock:
+            return (record.repo_id, record.revision) in self._cache
+
+    def _evict(self, slot: AdapterSlot) -> None:
+        """Delete an evicted adapter's weights from the base model (called by the cache, under the lock)."""
+        logger.info("evicting adapter %s (%s@%s)", slot.name, slot.key[0], slot.key[1][:12])
+        self._drop_mixture()
+        if self._peft.active_adapter == slot.name:  # hand "active" to the newest adapter first
+            others = [s.name for s in self._cache.slots() if s.name != slot.name]
+            if others:
+                self._peft.set_adapter(others[-1], inference_mode=True)
+        self._peft.delete_adapter(slot.name)
+        self.stats.add(evictions=1)
+
+    def _drop_mixture(self) -> None:
+        """Delete the mixture slot (it holds copies of experts' weights), if any (under the lock)."""
+        if self._peft is not None and MIXTURE_SLOT in self._peft.peft_config:
+            if self._peft.active_adapter == MIXTURE_SLOT:
+                others = [s.name for s in self._cache.slots()]
+                if others:
+                    self._peft.set_adapter(others[-1], inference_mode=True)
+            self._peft.delete_adapter(MIXTURE_SLOT)
+        self._mixture_key = None
+
+    def _load_adapter(self, record: ExpertRecord, name: str, folder: Path) -> None:
+        """Load a verified adapter folder onto the base model as ``name`` (under the lock)."""
+        from peft import PeftModel
+
+        from ._loading import check_adapter_effective, quiet_peft
+
+        base, _ = self._load_base()
+        try:
+            with quiet_peft():
+                if self._peft is None:
+                    self._peft = PeftModel.from_pretrained(base, str(folder), adapter_name=name,
+                                                           is_trainable=False, use_safetensors=True)
+                else:
+                    self._peft.load_adapter(str(folder), adapter_name=name, is_trainable=False,
+                                            use_safetensors=True)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise IncompatibleExpertError(
+                f"Expert {record.repo_id!r} does not fit the base model {self.base_model_label}: "
+                f"{str(err).splitlines()[0][:200]}", repo_id=record.repo_id,
+            ) from None
+        self._peft.eval()
+        try:
+            check_adapter_effective(self._peft, name, weights_path=folder / ADAPTER_WEIGHTS_FILENAME,
+                                    repo_id=record.repo_id)
+        except MoinHubError:
+            if len(self._peft.peft_config) > 1:
+                self._peft.delete_adapter(name)
+            else:  # the only adapter: take the LoRA layers out of the base model again
+                self._peft.unload()
+                self._peft = None
+            raise
+
+    def _download(self, record: ExpertRecord) -> Path:
+        from ._pull import download_expert
+
+        # pull's verified download: the pinned commit, the sha256 of every file, no pickle in the repo,
+        # the adapter names the registry's base model
+        return download_expert(record, endpoint=self.endpoint, token=self._token,
+                               base_model=self._registry.manifest.base_model)
+
+    def _acquire(self, record: ExpertRecord, *, pin: bool = False, count: bool = True) -> tuple[AdapterSlot, bool]:
+        """The loaded adapter of ``record`` (pulled, verified and loaded if needed), held until released.
+
+        ``count=False`` keeps the cache hit/miss counters for requests (a prefetch is not one).
+
+        Returns:
+            ``(slot, loaded_now)``.
+        """
+        from ._loading import adapter_name
+
+        key = (record.repo_id, record.revision)
+        with self._lock:
+            slot = self._cache.get(key)
+            if slot is not None:
+                slot.in_use += 1
+                slot.pinned = slot.pinned or pin
+                self.stats.add(cache_hits=int(count))
+                return slot, False
+        start = time.perf_counter()
+        folder = self._download(record)
+        with self._lock:
+            slot = self._cache.get(key)  # another request may have loaded it meanwhile
+            if slot is None:
+                name = adapter_name(f"{record.expert_id}__{record.revision[:12]}")
+                self._load_adapter(record, name, folder)
+                seconds = time.perf_counter() - start
+                slot = AdapterSlot(key, name, record.expert_id, load_seconds=seconds, pinned=pin,
+                                   nbytes=(folder / ADAPTER_WEIGHTS_FILENAME).stat().st_size)
+                slot.in_use += 1
+                self._cache.add(slot)
+                self.stats.add(cache_misses=int(count), loads=1, load_seconds=seconds)
+                return slot, True
+            slot.in_use += 1
+            slot.pinned = slot.pinned or pin
+            self.stats.add(cache_hits=int(count))
+            return slot, False
+
+    def _release(self, slot: AdapterSlot) -> None:
+        with self._lock:
+            slot.in_use = max(0, slot.in_use - 1)
+
+    @contextlib.contextmanager
+    def hold(self, experts: Sequence[str | ExpertRecord]) -> Iterator[list[AdapterSlot]]:
+        """Load (if needed) and hold the adapters of ``experts`` (ids, repo ids or records) for the block."""
+        slots: list[AdapterSlot] = []
+        try:
+            for expert in experts:
+                record = expert if isinstance(expert, ExpertRecord) else self._registry.get(expert)
+                slots.append(self._acquire(record)[0])
+            yield slots
+        finally:
+            for slot in slots:
+                self._release(slot)
+
+    def activate(self, expert: str) -> tuple[str, bool, float]:
+        """Make ``expert`` (id or repo id) the active adapter, loading it first if it is not cached.
+
+        Returns:
+            ``(adapter_name, loaded_now, seconds)``: ``loaded_now`` is False for a warm switch.
+        """
+        start = time.perf_counter()
+        record = self._registry.get(expert)
+        slot, loaded = self._acquire(record)
+        try:
+            with self._lock:
+                self._peft.set_adapter(slot.name, inference_mode=True)
+        finally:
+            self._release(slot)
+        return slot.name, loaded, time.perf_counter() - start
+
+    def pin(self, expert: str) -> AdapterSlot:
+        """Load ``expert`` (id or repo id) and keep it loaded: it is never evicted until :meth:`unpin`.
+
+        Pinned adapters still count towards the budget; with every slot pinned the cache grows past it
+        rather than evict one.
+        """
+        slot, _ = self._acquire(self._registry.get(expert), pin=True)
+        self._release(slot)
+        return slot
+
+    def unpin(self, expert: str) -> bool:
+        """Let ``expert`` be evicted again; True if it was pinned. Evicts down to the budget at once."""
+        record = self._registry.get(expert)
+        with self._lock:
+            slot = self._cache.peek((record.repo_id, record.revision))
+            if slot is None or not slot.pinned:
+                return False
+            slot.pinned = False
+            self._cache.shrink()
+            return True
+
+    def prefetch(self, records: Sequence[ExpertRecord]) -> list[Future]:
+        """Fetch ``records`` in the background: download (verified) into the HF cache, and load onto the base
+        model while the cache has room. Never evicts; errors are logged and counted, never raised.
+
+        Returns:
+            The futures of the prefetches started now (those already loaded or under way are skipped).
+        """
+        started = []
+        with self._lock:
+            if self._prefetcher is None:
+                self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moin-prefetch")
+            for record in records:
+                key = (record.repo_id, record.revision)
+                if key in self._cache or (key in self._prefetching and not self._prefetching[key].done()):
+                    continue
+                future = self._prefetcher.submit(self._prefetch_one, record)
+                self._prefetching[key] = future
+                started.append(future)
+        return started
+
+    def _prefetch_one(self, record: ExpertRecord) -> bool:
+        key = (record.repo_id, record.revision)
+        try:
+            folder = self._download(record)
+            nbytes = (folder / ADAPTER_WEIGHTS_FILENAME).stat().st_size
+            with self._lock:
+                if key in self._cache or not self._cache.has_room(nbytes):
+                    self.stats.add(prefetched=1)
+                    return False
+            slot, _ = self._acquire(record, count=False)
+            self._release(slot)
+            self.stats.add(prefetched=1)
+            return True
+        except Exception as err:  # a prefetch must never break serving
+            logger.warning("prefetch of %s failed: %s", record.repo_id, str(err).splitlines()[0][:200])
+            self.stats.add(prefetch_errors=1)
+            return False
+
+    def close(self) -> None:
+        """Stop the prefetch thread (waiting for a running prefetch)."""
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True, cancel_futures=True)
+            self._prefetcher = None
+
+    @contextlib.contextmanager
+    def _using(self, adapter: str | None) -> Iterator[Any]:
+        """The model with ``adapter`` active, or with every adapter off for ``None`` (under the lock)."""
+        with self._lock:
+            if adapter is not None:
+                self._peft.set_adapter(adapter, inference_mode=True)
+                yield self._peft
+            elif self._peft is not None:
+                with self._peft.disable_adapter():
+                    yield self._peft
+            else:
+                yield self._base
+
+    @contextlib.contextmanager
+    def using_mixture(self, mixture: Mixture) -> Iterator[Any]:
+        """The model with ``mixture`` active (under the lock for the whole block): its experts are loaded and
+        held, one expert is set active, several are combined with weights into the mixture slot (rebuilt only
+        when the mixture changes); no expert means the base model."""
+        records = [self._registry.get(e) for e in mixture.experts]
+        with self.hold(records) as slots, self._lock:
+            if not slots:
+                with self._using(None) as model:
+                    yield model
+                return
+            if len(slots) == 1:
+                with self._using(slots[0].name) as model:
+                    yield model
+                return
+            key = tuple((s.name, round(w, 6)) for s, w in zip(slots, mixture.weights, strict=True))
+            if key != self._mixture_key:
+                self._drop_mixture()
+                self._peft.add_weighted_adapter([s.name for s in slots], list(mixture.weights),
+                                                adapter_name=MIXTURE_SLOT, combination_type="cat")
+                self._mixture_key = key
+                self.stats.add(mixtures=1)
+            with self._using(MIXTURE_SLOT) as model:
+                yield model
+
+    # ----------------------------------------------------------------------------------------- generation
+
+    def encode(self, text: str, *, reserve: int = 0) -> list[int]:
+        """Token ids of a plain-text prompt, keeping the last tokens that leave ``reserve`` for new ones."""
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return ids[-max(1, self.max_context() - reserve):]
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]], *, reserve: int = 0) -> list[int]:
+        """Token ids of a chat (``[{"role", "content"}]``) with the tokenizer's chat template and the generation
+        prompt; a tokenizer without a template gets the contents joined by newlines."""
+        tokenizer = self.tokenizer
+        if self.has_chat_template:
+            text = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
+                                                 add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer("\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"]
+        return ids[-max(1, self.max_context() - reserve):]
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], mixture: Mixture, *, max_new_tokens: Sequence[int],
+                 temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[Sequence[str]] | None = None,
+                 seed: int | None = None) -> list[Completion]:
+        """Generate for a batch of prompts that share one mixture of experts, in one padded forward batch.
+
+        Args:
+            prompts: token ids of each prompt (left-padded together).
+            mixture: the experts (and weights) for the whole batch; empty: the base model.
+            max_new_tokens: per prompt; the batch runs to the largest and each output is cut to its own.
+            temperature: 0 decodes greedily; above 0 samples (with ``top_p``).
+            stop: per prompt, strings that end its text (cut before the first one; ``finish_reason`` "stop").
+            seed: seeds torch's generator for sampling (reproducible outputs).
+
+        Returns:
+            One :class:`Completion` per prompt, in order.
+        """
+        import torch
+
+        if not prompts:
+            return []
+        if len(max_new_tokens) != len(prompts):
+            raise ValueError("max_new_tokens needs one value per prompt.")
+        stop = stop or [()] * len(prompts)
+        model, tokenizer = self._load_base()
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        width = max(len(p) for p in prompts)
+        device = next(model.parameters()).device
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            input_ids[row, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
+            attention[row, width - len(ids):] = 1
+        n_new = max(max_new_tokens)
+        sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0} \
+            if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        start = time.perf_counter()
+        with self.using_mixture(mixture) as active, torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = active.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                  max_new_tokens=n_new, pad_token_id=pad, eos_token_id=eos, **sampling)
+        seconds = time.perf_counter() - start
+        results = []
+        for row, (limit, stops) in enumerate(zip(max_new_tokens, stop, strict=True)):
+            new = out[row, width:].tolist()[:limit]
+            finish = "length"
+            if eos in new:
+                new, finish = new[: new.index(eos)], "stop"
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            text, stopped = truncate_at_stop(text, stops)
+            results.append(Completion(text, tuple(new), len(prompts[row]), "stop" if stopped else finish))
+        self.stats.add(batches=1, batched_requests=len(prompts), generation_seconds=seconds,
+                       generated_tokens=sum(len(c.token_ids) for c in results),
+                       prompt_tokens=sum(len(p) for p in prompts))
+        return results
+
+    # ----------------------------------------------------------------------------------------- info
+
+    def cache_info(self) -> dict[str, Any]:
+        """Loaded adapters (least recently used first), the budget, and the bytes held."""
+        with self._lock:
+            return {"capacity": self._cache.capacity, "max_bytes": self._cache.max_bytes,
+                    "bytes": self._cache.nbytes, "loaded": [slot.to_dict() for slot in self._cache.slots()]}
+
+    def expert_url(self, record: ExpertRecord) -> str:
+        """The model page (card) of an expert."""
+        return f"{self.endpoint}/{record.repo_id}"
