@@ -506,8 +506,11 @@ class ExpertEngine:
             return slot, False
 
     def _release(self, slot: AdapterSlot) -> None:
+        """Let go of a held adapter; the cache shrinks back to its budget if holds had kept it over."""
         with self._lock:
             slot.in_use = max(0, slot.in_use - 1)
+            if slot.in_use == 0 and slot.key in self._cache:
+                self._cache.shrink()
 
     @contextlib.contextmanager
     def hold(self, experts: Sequence[str | ExpertRecord]) -> Iterator[list[AdapterSlot]]:

@@ -38,6 +38,7 @@ QUERIES = {
     "football": "Who scored the winning goal in the championship match last night?",
     "astronomy": "How far away is the nearest star and how do we measure it?",
 }
+TOPICS = tuple(QUERIES)
 
 
 def embedder_dir() -> Path:

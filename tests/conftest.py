@@ -76,6 +76,20 @@ def tiny_base(tmp_path_factory) -> Path:
     return _helpers.make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def topic_registry(hub, tiny_base, embedder, tmp_path_factory) -> str:
+    """A registry with one expert per test topic (``_helpers.TOPICS``), pushed once per session; read-only."""
+    from moin_hub import init_registry, push_expert
+
+    registry_id = f"test-org/topics-{uuid.uuid4().hex[:8]}"
+    init_registry(registry_id, base_model=BASE_REPO, embedder=EMBEDDER_REPO, endpoint=hub.url)
+    root = tmp_path_factory.mktemp("topic-experts")
+    for seed, topic in enumerate(_helpers.TOPICS):
+        folder = _helpers.write_expert(root / topic, tiny_base, embedder, topic, base_repo=BASE_REPO, seed=seed)
+        push_expert(folder, registry=registry_id, repo_id=f"test-org/{registry_id[-8:]}-{topic}", endpoint=hub.url)
+    return registry_id
+
+
 @pytest.fixture
 def make_expert(tmp_path, tiny_base, embedder):
     """Factory: ``make_expert(topic)`` writes a valid expert folder for one of the test topics."""

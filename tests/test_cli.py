@@ -15,7 +15,7 @@ from moin_hub.cli import cli, main
 from tests._helpers import QUERIES
 
 COMMANDS = ["local-hub", "init-registry", "push-expert", "remove-expert", "route", "pull", "registry",
-            "publish-assets", "cluster", "train", "evaluate", "push-all", "demo", "space"]
+            "publish-assets", "cluster", "train", "evaluate", "push-all", "demo", "space", "serve"]
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
@@ -81,6 +81,21 @@ def test_known_errors_are_one_line_messages(hub, registry_id):
     assert code == 1 and "not a valid Hub repo id" in err
     code, out, err = invoke("pull", "--registry", registry_id, "--endpoint", hub.url)
     assert code == 2 and "exactly one of --query or --expert" in err
+
+
+def test_evaluate_modes_are_checked_before_anything_loads(tmp_path):
+    from moin_hub._mixing import MODES
+    from moin_hub.cli.pipeline import MODE_NAMES
+
+    assert MODE_NAMES == MODES
+    for bad, named in (("top1,best", "'best'"), (" , ", "' , '")):
+        code, out, err = invoke("evaluate", str(tmp_path), "--modes", bad)
+        errors = [line for line in err.splitlines() if line.startswith("Error")]
+        assert code == 2 and out == "" and len(errors) == 1
+        assert errors[0].startswith("Error: Invalid value for '--modes'") and named in errors[0]
+        assert "top1, topk, adaptive" in errors[0]
+    code, _, err = invoke("evaluate", str(tmp_path), "--modes", "adaptive,top1")  # valid: on to the workspace
+    assert code == 1 and "not a moin-hub workspace" in err
 
 
 def test_console_script_subprocess(hub):

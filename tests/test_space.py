@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,20 +22,18 @@ import yaml
 from click.testing import CliRunner
 from huggingface_hub import constants
 
-from moin_hub import errors, init_registry, push_expert
+from moin_hub import errors, push_expert
 from moin_hub._config import ADAPTER_WEIGHTS_FILENAME
 from moin_hub._engine import AdapterCache, AdapterSlot, parse_base_model, plan_evictions
 from moin_hub._space import SpaceEngine, centroid_map, check_text, next_token
-from tests import _helpers
-from tests._helpers import QUERIES
-from tests.conftest import BASE_REPO, EMBEDDER_REPO
+from tests._helpers import QUERIES, TOPICS
+from tests.conftest import BASE_REPO
 
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACE_DIR = ROOT / "spaces" / "moin-router"
-TOPICS = ("cooking", "football", "astronomy")
 OFF_TOPIC = "How do I fix a segfault in my C++ code?"  # similarity < 0.05 to every test topic
 
 
@@ -55,15 +52,9 @@ class RunningSpace:
 
 
 @pytest.fixture(scope="module")
-def space_registry(hub, tiny_base, embedder, tmp_path_factory) -> str:
-    """A registry with one expert per test topic (pushed once per module)."""
-    registry_id = f"test-org/space-{uuid.uuid4().hex[:8]}"
-    init_registry(registry_id, base_model=BASE_REPO, embedder=EMBEDDER_REPO, endpoint=hub.url)
-    root = tmp_path_factory.mktemp("space-experts")
-    for seed, topic in enumerate(TOPICS):
-        folder = _helpers.write_expert(root / topic, tiny_base, embedder, topic, base_repo=BASE_REPO, seed=seed)
-        push_expert(folder, registry=registry_id, repo_id=f"test-org/{registry_id[-8:]}-{topic}", endpoint=hub.url)
-    return registry_id
+def space_registry(topic_registry) -> str:
+    """A registry with one expert per test topic."""
+    return topic_registry
 
 
 @pytest.fixture(scope="module")

@@ -40,11 +40,12 @@ def _register() -> None:
         registry,
         remove_expert,
         route,
+        serve,
         space,
     )
 
     for module in (local_hub, init_registry, push_expert, remove_expert, route, pull, registry, publish_assets,
-                   demo, space):
+                   demo, space, serve):
         cli.add_command(module.command)
     for command in pipeline.COMMANDS:
         cli.add_command(command)

@@ -1,0 +1,664 @@
+"""`moin-hub serve`: an OpenAI-compatible HTTP server that routes each request to its topic expert.
+
+Endpoints (JSON; errors as OpenAI's ``{"error": {"message", "type", "param", "code"}}``):
+
+- ``POST /v1/completions`` and ``POST /v1/chat/completions``: OpenAI's request and response shapes. The
+  ``model`` field chooses the expert: ``moin:auto`` routes by the prompt's content with the server's mode,
+  ``moin:top1`` / ``moin:topk`` / ``moin:adaptive`` route with that mode, ``moin:base`` uses no expert, and an
+  expert id or repo id forces that expert. Each response carries a ``moin`` object: the experts used, their
+  weights and similarities, the registry commit.
+- ``POST /v1/route``: routing only (no generation).
+- ``GET /v1/experts``: what is registered and what is loaded (so a front router can send requests where
+  their expert already lives); ``GET /v1/models``: the model names above, OpenAI style.
+- ``GET /metrics``: Prometheus text (requests, cache hits/misses, loads, evictions, route latency, batch
+  sizes, tokens/s); ``GET /health``.
+
+Requests are batched per expert: an :class:`ExpertBatcher` collects requests for a few milliseconds and runs
+those that share a mixture (and sampling settings) as one padded batch on the one base model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ._engine import Completion, ExpertEngine
+from ._mixing import MODES, Mixture
+from ._version import __version__
+from .errors import (
+    EmptyQueryError,
+    ExpertNotFoundError,
+    HubUnavailableError,
+    IncompatibleExpertError,
+    IntegrityError,
+    MoinHubError,
+    UnsafeFileError,
+)
+
+logger = logging.getLogger(__name__)
+
+#: ``model`` names that route by content; ``moin:auto`` uses the server's mode.
+AUTO_MODEL = "moin:auto"
+BASE_MODEL = "moin:base"
+MODE_MODELS = {f"moin:{mode}": mode for mode in MODES}
+#: Route-latency histogram buckets (seconds) of ``/metrics``.
+ROUTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass
+class ServeConfig:
+    """How `moin-hub serve` routes, batches and limits requests.
+
+    Args:
+        mode: routing mode of ``moin:auto`` (``top1``, ``topk`` or ``adaptive``).
+        k / temperature / mass: mixing settings (see :func:`moin_hub._mixing.mix_weights`).
+        threshold: below this best similarity a routed request gets the base model (None: never).
+        max_batch_size: most requests run together in one batch.
+        batch_window_ms: how long the batcher waits for more requests of an expert before running a batch.
+        max_tokens_limit: the largest ``max_tokens`` a request may ask for.
+        max_prompt_chars: the longest prompt (or chat) accepted, in characters.
+        api_key: when set, requests must send ``Authorization: Bearer <api_key>`` (it is never logged).
+    """
+
+    mode: str = "top1"
+    k: int = 3
+    temperature: float = 0.05
+    mass: float = 0.8
+    threshold: float | None = None
+    max_batch_size: int = 8
+    batch_window_ms: float = 5.0
+    max_tokens_limit: int = 512
+    max_prompt_chars: int = 32_000
+    api_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        from ._mixing import mix_weights
+
+        mix_weights([1.0], mode=self.mode, k=self.k, temperature=self.temperature, mass=self.mass)  # validates
+        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be between -1 and 1, got {self.threshold!r}.")
+        for name in ("max_batch_size", "max_tokens_limit", "max_prompt_chars"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not (0 <= self.batch_window_ms <= 1000 and math.isfinite(self.batch_window_ms)):
+            raise ValueError(f"batch_window_ms must be between 0 and 1000, got {self.batch_window_ms!r}.")
+
+
+# ------------------------------------------------------------------------------------------ batching
+
+
+@dataclass
+class Job:
+    """One prompt waiting for generation."""
+
+    mixture: Mixture
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys run in one batch: same experts and weights, same sampling."""
+        mixture = tuple(zip(self.mixture.experts, (round(w, 6) for w in self.mixture.weights), strict=True))
+        return mixture, self.temperature, self.top_p, self.seed
+
+
+def next_batch(pending: Sequence[Job], max_batch_size: int) -> tuple[list[Job], list[Job]]:
+    """Split ``pending`` (oldest first) into the next batch and the rest: the oldest job and up to
+    ``max_batch_size - 1`` more jobs with its batch key, in arrival order. Pure; the batcher's policy.
+
+    Example:
+        >>> a, b, c = (Job(Mixture((e,), (1.0,), "top1"), [1], 4) for e in "xyx")
+        >>> [j.mixture.experts for j in next_batch([a, b, c], 8)[0]]
+        [('x',), ('x',)]
+    """
+    if not pending:
+        return [], []
+    key = pending[0].batch_key
+    batch, rest = [], []
+    for job in pending:
+        if len(batch) < max_batch_size and job.batch_key == key:
+            batch.append(job)
+        else:
+            rest.append(job)
+    return batch, rest
+
+
+class ExpertBatcher:
+    """Runs submitted jobs on an engine, in batches of jobs that share an expert mixture (one thread).
+
+    After the first job of a batch arrives, the batcher waits ``window_ms`` for more, then runs the oldest
+    job's group (:func:`next_batch`), so no expert starves.
+    """
+
+    def __init__(self, engine: ExpertEngine, *, max_batch_size: int = 8, window_ms: float = 5.0,
+                 on_batch: Callable[[int], None] | None = None):
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.window = window_ms / 1000
+        self._on_batch = on_batch
+        self._pending: list[Job] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="moin-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> Future:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._pending.append(job)
+            self._cond.notify()
+        return job.future
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def close(self) -> None:
+        """Stop after the running batch; jobs still waiting fail with RuntimeError."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=60)
+        for job in self._pending:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the server is shutting down"))
+        self._pending.clear()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                deadline = self._pending[0].enqueued + self.window
+                while not self._closed and len(self._pending) < self.max_batch_size:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                batch, self._pending = next_batch(self._pending, self.max_batch_size)
+            self._execute(batch)
+
+    def _execute(self, batch: list[Job]) -> None:
+        first = batch[0]
+        try:
+            outputs = self.engine.generate_batch(
+                [j.prompt_ids for j in batch], first.mixture, max_new_tokens=[j.max_new_tokens for j in batch],
+                temperature=first.temperature, top_p=first.top_p, stop=[j.stop for j in batch], seed=first.seed)
+        except BaseException as err:  # every waiting request must get an answer
+            for job in batch:
+                job.future.set_exception(err)
+            return
+        if self._on_batch:
+            self._on_batch(len(batch))
+        for job, output in zip(batch, outputs, strict=True):
+            job.future.set_result(output)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+class Histogram:
+    """A Prometheus histogram (cumulative buckets, sum, count); thread-safe."""
+
+    def __init__(self, buckets: Sequence[float]):
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self.sum += value
+            index = next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets))
+            self.counts[index] += 1
+
+    def lines(self, name: str, help_text: str) -> list[str]:
+        with self._lock:
+            counts, total = list(self.counts), self.sum
+        out = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        running = 0
+        for bound, count in zip((*self.buckets, math.inf), counts, strict=True):
+            running += count
+            le = "+Inf" if bound == math.inf else repr(float(bound))
+            out.append(f'{name}_bucket{{le="{le}"}} {running}')
+        out += [f"{name}_sum {total}", f"{name}_count {running}"]
+        return out
+
+
+@dataclass
+class ServerMetrics:
+    """What the server counts besides the engine's own :class:`~moin_hub._engine.EngineStats`."""
+
+    route_seconds: Histogram = field(default_factory=lambda: Histogram(ROUTE_BUCKETS))
+    batch_sizes: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+    requests: dict[tuple[str, int], int] = field(default_factory=dict)
+    expert_requests: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count_request(self, path: str, status: int) -> None:
+        with self.lock:
+            self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
+
+    def count_expert(self, expert: str) -> None:
+        with self.lock:
+            self.expert_requests[expert] = self.expert_requests.get(expert, 0) + 1
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_metrics(engine: ExpertEngine, metrics: ServerMetrics, pending: int) -> str:
+    """The Prometheus text exposition of the server's and the engine's counters."""
+    stats = engine.stats.snapshot()
+    cache = engine.cache_info()
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: Sequence[tuple[str, float]]) -> None:
+        lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
+        lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+    with metrics.lock:
+        requests = sorted(metrics.requests.items())
+        experts = sorted(metrics.expert_requests.items())
+    metric("moin_requests_total", "counter", "HTTP requests by path and status.",
+           [(f'{{path="{_label(p)}",status="{s}"}}', n) for (p, s), n in requests])
+    metric("moin_expert_requests_total", "counter", "Generation requests by expert (base: the base model).",
+           [(f'{{expert="{_label(e)}"}}', n) for e, n in experts])
+    counters = [("moin_cache_hits_total", "cache_hits", "Requests whose expert adapter was already loaded."),
+                ("moin_cache_misses_total", "cache_misses", "Requests that had to load their expert adapter."),
+                ("moin_adapter_loads_total", "loads", "Adapters downloaded (verified) and loaded."),
+                ("moin_adapter_load_seconds_total", "load_seconds", "Time spent loading adapters."),
+                ("moin_adapter_evictions_total", "evictions", "Adapters evicted from the cache."),
+                ("moin_prefetches_total", "prefetched", "Runner-up experts prefetched."),
+                ("moin_mixtures_built_total", "mixtures", "Weighted mixtures of experts built."),
+                ("moin_batches_total", "batches", "Generation batches run."),
+                ("moin_generated_tokens_total", "generated_tokens", "Tokens generated."),
+                ("moin_prompt_tokens_total", "prompt_tokens", "Prompt tokens processed."),
+                ("moin_generation_seconds_total", "generation_seconds", "Time spent generating.")]
+    for name, key, help_text in counters:
+        metric(name, "counter", help_text, [("", stats[key])])
+    rate = stats["generated_tokens"] / stats["generation_seconds"] if stats["generation_seconds"] else 0.0
+    metric("moin_tokens_per_second", "gauge", "Generated tokens per second of generation time, since start.",
+           [("", round(rate, 3))])
+    metric("moin_loaded_adapters", "gauge", "Expert adapters loaded on the base model.", [("", len(cache["loaded"]))])
+    metric("moin_loaded_adapter_bytes", "gauge", "Bytes of loaded adapter weights.", [("", cache["bytes"])])
+    metric("moin_cache_capacity", "gauge", "Adapters the cache may hold.", [("", cache["capacity"])])
+    metric("moin_pending_requests", "gauge", "Requests waiting for a batch.", [("", pending)])
+    lines += metrics.route_seconds.lines("moin_route_latency_seconds", "Routing latency (embedding included).")
+    lines += metrics.batch_sizes.lines("moin_batch_size", "Requests per generation batch.")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ the app
+
+
+class Sampling(BaseModel):
+    """OpenAI sampling fields shared by completions and chat (unknown OpenAI fields are accepted and ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = AUTO_MODEL
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = 1
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: Any = ""
+
+class ChatRequest(Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+class RouteRequest(BaseModel):
+    input: str | list[str]
+    mode: str | None = None
+    k: int | None = Field(default=None, ge=1, le=64)
+    threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
+
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's JSON error object."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def api_error(err: BaseException) -> ApiError:
+    """The HTTP answer of an exception (the message is one line; no traceback reaches the client)."""
+    if isinstance(err, ApiError):
+        return err
+    message = str(err).splitlines()[0][:500] if str(err) else type(err).__name__
+    if isinstance(err, ExpertNotFoundError):
+        return ApiError(404, message, code="model_not_found", param="model")
+    if isinstance(err, EmptyQueryError):
+        return ApiError(400, "The prompt is empty.", code="empty_prompt", param="prompt")
+    if isinstance(err, HubUnavailableError):
+        return ApiError(503, message, type="server_error", code="hub_unavailable")
+    if isinstance(err, (IntegrityError, UnsafeFileError, IncompatibleExpertError)):
+        return ApiError(502, message, type="server_error", code="expert_refused")
+    if isinstance(err, (ValueError, MoinHubError)):
+        return ApiError(400, message)
+    logger.exception("internal error")
+    return ApiError(500, "Internal server error (see the server log).", type="server_error", code="internal_error")
+
+
+def _text_of(content: Any) -> str:
+    """The text of a chat message's content: a string, or OpenAI's list of parts (text parts joined)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
+    """The FastAPI app of `moin-hub serve` over ``engine`` (a batcher thread starts with the app's lifespan).
+
+    Example:
+        >>> import uvicorn  # doctest: +SKIP
+        >>> uvicorn.run(create_app(ExpertEngine("acme/moin-registry")), port=8000)  # doctest: +SKIP
+    """
+    import contextlib
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from starlette.concurrency import run_in_threadpool
+
+    config = config or ServeConfig()
+    metrics = ServerMetrics()
+    state: dict[str, ExpertBatcher] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any):  # noqa: ANN202
+        state["batcher"] = ExpertBatcher(engine, max_batch_size=config.max_batch_size,
+                                         window_ms=config.batch_window_ms, on_batch=metrics.batch_sizes.observe)
+        try:
+            yield
+        finally:
+            state.pop("batcher").close()
+            engine.close()
+
+    app = FastAPI(title="moin-hub serve", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible completions routed to topic LoRA experts (MoIN).")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        open_paths = ("/health", "/metrics", "/docs", "/openapi.json")
+        if config.api_key and request.url.path not in open_paths:
+            sent = request.headers.get("authorization", "")
+            if not secrets.compare_digest(sent.encode(), f"Bearer {config.api_key}".encode()):
+                response = JSONResponse(ApiError(401, "Missing or wrong API key (Authorization: Bearer ...).",
+                                                 code="invalid_api_key").body(), status_code=401)
+                metrics.count_request(request.url.path, 401)
+                return response
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.count_request(getattr(route, "path", "other"), response.status_code)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(_request: Request, err: ApiError) -> Any:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_request: Request, err: RequestValidationError) -> Any:
+        first = err.errors()[0] if err.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = f"{param or 'body'}: {first.get('msg', 'invalid request')}"
+        return JSONResponse(ApiError(400, message[:500], param=param).body(), status_code=400)
+
+    async def on_known(_request: Request, err: Exception) -> Any:
+        answer = api_error(err)
+        return JSONResponse(answer.body(), status_code=answer.status)
+
+    # known errors (answered, counted); anything else is a 500 with the traceback in the server log only
+    for kind in (MoinHubError, ValueError, RuntimeError, Exception):
+        app.add_exception_handler(kind, on_known)
+
+    def check_sampling(req: Sampling) -> tuple[int, tuple[str, ...]]:
+        if req.stream:
+            raise ApiError(400, "Streaming is not supported; send stream=false.", param="stream",
+                           code="unsupported")
+        if req.n != 1:
+            raise ApiError(400, "Only n=1 is supported.", param="n", code="unsupported")
+        max_tokens = req.max_completion_tokens or req.max_tokens or 16
+        if max_tokens > config.max_tokens_limit:
+            raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {config.max_tokens_limit}.",
+                           param="max_tokens")
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        if len(stop) > 4:
+            raise ApiError(400, "At most 4 stop sequences.", param="stop")
+        return max_tokens, stop
+
+    def choose(model: str, query: str) -> tuple[Mixture, dict[str, Any]]:
+        """The mixture a request gets and the ``moin`` object describing it (runs in a worker thread)."""
+        registry = engine.registry
+        info: dict[str, Any] = {"registry": registry.registry_id, "registry_revision": registry.revision}
+        if model == BASE_MODEL:
+            return Mixture((), (), "base"), {**info, "mode": "base", "experts": []}
+        if model == AUTO_MODEL or model in MODE_MODELS:
+            mode = config.mode if model == AUTO_MODEL else MODE_MODELS[model]
+            start = time.perf_counter()
+            plan = engine.plan(query, mode=mode, k=config.k, temperature=config.temperature, mass=config.mass,
+                               threshold=config.threshold)
+            metrics.route_seconds.observe(time.perf_counter() - start)
+            sims = {r.expert.expert_id: r for r in plan.route.routes}
+            experts = [{"expert_id": e, "repo_id": sims[e].expert.repo_id, "revision": sims[e].expert.revision,
+                        "weight": round(w, 6), "similarity": round(sims[e].similarity, 6)}
+                       for e, w in zip(plan.mixture.experts, plan.mixture.weights, strict=True)]
+            best = plan.route.best
+            return plan.mixture, {**info, "mode": mode, "experts": experts, "route_ms": round(plan.route_ms, 3),
+                                  "best": {"expert_id": best.expert.expert_id,
+                                           "similarity": round(best.similarity, 6)}}
+        record = registry.get(model)  # ExpertNotFoundError -> 404 model_not_found
+        return Mixture((record.expert_id,), (1.0,), "forced"), {
+            **info, "mode": "forced",
+            "experts": [{"expert_id": record.expert_id, "repo_id": record.repo_id, "revision": record.revision,
+                         "weight": 1.0}]}
+
+    async def run(mixture: Mixture, moin: dict[str, Any], prompt_ids: list[int], max_tokens: int,
+                  stop: tuple[str, ...], req: Sampling) -> Completion:
+        for expert in mixture.experts or ("base",):
+            metrics.count_expert(expert)
+        job = Job(mixture, prompt_ids, max_tokens, req.temperature, req.top_p, stop, req.seed)
+        return await asyncio.wrap_future(state["batcher"].submit(job))
+
+    def check_length(text: str, what: str) -> str:
+        if not text.strip():
+            raise EmptyQueryError()
+        if len(text) > config.max_prompt_chars:
+            raise ApiError(400, f"The {what} is {len(text):,} characters; the limit is {config.max_prompt_chars:,}.",
+                           param=what)
+        return text
+
+    def usage(outputs: Sequence[Completion]) -> dict[str, int]:
+        prompt = sum(o.prompt_tokens for o in outputs)
+        completion = sum(len(o.token_ids) for o in outputs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Any:
+        max_tokens, stop = check_sampling(req)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        if not prompts or len(prompts) > config.max_batch_size * 4:
+            raise ApiError(400, f"Send 1 to {config.max_batch_size * 4} prompts.", param="prompt")
+        for prompt in prompts:
+            check_length(prompt, "prompt")
+        tasks = []
+        routes = []
+        for prompt in prompts:
+            mixture, moin = await run_in_threadpool(choose, req.model, prompt)
+            ids = await run_in_threadpool(engine.encode, prompt, reserve=max_tokens)
+            routes.append(moin)
+            tasks.append(run(mixture, moin, ids, max_tokens, stop, req))
+        outputs = await asyncio.gather(*tasks)
+        choices = [{"index": i, "text": o.text, "finish_reason": o.finish_reason, "logprobs": None,
+                    "moin": routes[i]} for i, o in enumerate(outputs)]
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": req.model, "choices": choices, "usage": usage(outputs), "moin": routes[0]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest) -> Any:
+        max_tokens, stop = check_sampling(req)
+        messages = [{"role": m.role, "content": _text_of(m.content)} for m in req.messages]
+        check_length("".join(m["content"] for m in messages) or " ", "messages")
+        user_turns = [m["content"] for m in messages if m["role"] == "user" and m["content"].strip()]
+        if not user_turns:
+            raise ApiError(400, "The chat has no user message with text.", param="messages")
+        # MoIN routes the whole query: the last user turn is what the user asks now
+        mixture, moin = await run_in_threadpool(choose, req.model, user_turns[-1])
+        ids = await run_in_threadpool(engine.encode_chat, messages, reserve=max_tokens)
+        output = await run(mixture, moin, ids, max_tokens, stop, req)
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": req.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text},
+                             "finish_reason": output.finish_reason, "logprobs": None}],
+                "usage": usage([output]), "moin": moin}
+
+    @app.post("/v1/route")
+    async def route(req: RouteRequest) -> Any:
+        queries = [req.input] if isinstance(req.input, str) else list(req.input)
+        if not queries or len(queries) > 256:
+            raise ApiError(400, "Send 1 to 256 inputs.", param="input")
+        mode = req.mode or config.mode
+        if mode not in MODES:
+            raise ApiError(400, f"mode must be one of {', '.join(MODES)}; got {mode!r}.", param="mode")
+        threshold = req.threshold if req.threshold is not None else config.threshold
+
+        def plan_all() -> list[dict[str, Any]]:
+            out = []
+            for query in queries:
+                start = time.perf_counter()
+                plan = engine.plan(check_length(query, "input"), mode=mode, k=req.k or config.k,
+                                   temperature=config.temperature, mass=config.mass, threshold=threshold)
+                metrics.route_seconds.observe(time.perf_counter() - start)
+                out.append(plan.to_dict())
+            return out
+
+        data = await run_in_threadpool(plan_all)
+        return {"object": "list", "registry": engine.registry.registry_id,
+                "registry_revision": engine.registry.revision, "data": data}
+
+    @app.get("/v1/experts")
+    async def experts() -> Any:
+        cache = engine.cache_info()
+        loaded = {(s["repo_id"], s["revision"]): s for s in cache["loaded"]}
+        data = []
+        for record in engine.registry.experts:
+            slot = loaded.get((record.repo_id, record.revision))
+            data.append({"id": record.expert_id, "object": "expert", "repo_id": record.repo_id,
+                         "revision": record.revision, "keywords": list(record.keywords), "n_docs": record.n_docs,
+                         "loaded": slot is not None, "pinned": bool(slot and slot["pinned"]),
+                         "in_use": slot["in_use"] if slot else 0})
+        return {"object": "list", "registry": engine.registry.registry_id,
+                "registry_revision": engine.registry.revision, "base_model": engine.base_model.to_dict(),
+                "data": data, "cache": {k: v for k, v in cache.items() if k != "loaded"}}
+
+    @app.get("/v1/models")
+    async def models() -> Any:
+        created = int(time.time())
+        names = [AUTO_MODEL, *MODE_MODELS, BASE_MODEL, *(r.expert_id for r in engine.registry.experts)]
+        return {"object": "list",
+                "data": [{"id": n, "object": "model", "created": created, "owned_by": "moin-hub"} for n in names]}
+
+    @app.get("/metrics")
+    async def prometheus() -> Any:
+        batcher = state.get("batcher")
+        text = render_metrics(engine, metrics, batcher.pending() if batcher else 0)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/health")
+    async def health() -> Any:
+        registry = engine.registry
+        return {"status": "ok", "registry": registry.registry_id, "registry_revision": registry.revision,
+                "experts": len(registry.experts), "loaded": len(engine.cached_experts()),
+                "base_model_loaded": engine._base is not None, "version": __version__}
+
+    app.state.engine, app.state.config, app.state.metrics = engine, config, metrics
+    return app
+
+
+@dataclass
+class RunningServer:
+    """A server started by :func:`start_server` in a background thread."""
+
+    url: str
+    app: Any
+    _server: Any = dataclasses.field(repr=False)
+    _thread: threading.Thread = dataclasses.field(repr=False)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=60)
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_server(engine: ExpertEngine, config: ServeConfig | None = None, *, host: str = "127.0.0.1",
+                 port: int = 0, log_level: str = "warning") -> RunningServer:
+    """Serve ``engine`` with uvicorn in a background thread; returns once it accepts connections.
+
+    ``port=0`` picks a free port (see ``RunningServer.url``). For tests, benchmarks and notebooks; the CLI
+    runs uvicorn in the foreground.
+    """
+    import socket
+
+    import uvicorn
+
+    app = create_app(engine, config)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="moin-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start (see the log)")
+        time.sleep(0.02)
+    bound_port = sock.getsockname()[1]
+    return RunningServer(f"http://{host}:{bound_port}", app, server, thread)

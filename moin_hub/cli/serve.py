@@ -1,0 +1,117 @@
+"""`moin-hub serve`: an OpenAI-compatible server that routes each request to its topic expert."""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+from ._common import endpoint_option, examples, registry_option, token_option
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+class ByteSize(click.ParamType):
+    """``512MB``, ``1.5GiB`` or a plain number of bytes."""
+
+    name = "SIZE"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+        unit = match.group(2).lower() if match else ""
+        if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+            self.fail(f"{value!r} is not a size such as 512MB, 2GiB or 1000000.", param, ctx)
+        return int(float(match.group(1)) * _UNITS[unit])
+
+
+@click.command(
+    "serve",
+    epilog=examples(
+        "moin-hub serve --registry acme/moin-registry --port 8000",
+        "moin-hub serve --registry acme/moin-registry --mode adaptive --cache-size 16 --pin topic-03",
+        "moin-hub serve --registry moin-demo/brown-experts --endpoint http://127.0.0.1:8080 --prefetch 1",
+        "curl localhost:8000/v1/completions -H 'Content-Type: application/json' "
+        "-d '{\"model\": \"moin:auto\", \"prompt\": \"The jury said\", \"max_tokens\": 32}'",
+        "python -c \"from openai import OpenAI; print(OpenAI(base_url='http://localhost:8000/v1', api_key='-')"
+        ".completions.create(model='moin:auto', prompt='The jury said').choices[0].text)\"",
+    ),
+)
+@registry_option
+@click.option("--revision", default=None, help="Registry revision (default: head of main).")
+@endpoint_option
+@token_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+@click.option("--mode", type=click.Choice(["top1", "topk", "adaptive"]), default="top1", show_default=True,
+              help="How `moin:auto` routes: the nearest expert (MoIN), a softmax-weighted merge of the k nearest, "
+                   "or as few experts as carry --mass of the probability.")
+@click.option("-k", "--k", "k", default=3, show_default=True, type=click.IntRange(1, 64),
+              help="The most experts mixed (topk, adaptive).")
+@click.option("--mass", default=0.8, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="adaptive: the probability mass the chosen experts must carry.")
+@click.option("--temperature", "mix_temperature", default=0.05, show_default=True,
+              type=click.FloatRange(0.0, min_open=True), help="Softmax temperature over the similarities.")
+@click.option("--threshold", default=None, type=click.FloatRange(-1.0, 1.0),
+              help="Below this similarity a routed request gets the base model (default: always an expert).")
+@click.option("--cache-size", default=8, show_default=True, type=click.IntRange(1),
+              help="Expert adapters kept loaded on the one base model (LRU).")
+@click.option("--cache-bytes", default=None, type=ByteSize(),
+              help="Also cap the loaded adapters' weights, e.g. 512MB (default: no byte cap).")
+@click.option("--pin", "pins", multiple=True, metavar="EXPERT",
+              help="Load this expert (id or repo id) at start and never evict it. Repeatable.")
+@click.option("--prefetch", default=0, show_default=True, type=click.IntRange(0, 16),
+              help="Runner-up experts of each route to fetch in the background (downloaded; loaded while the "
+                   "cache has room).")
+@click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(1, 256),
+              help="Most requests for one expert run in one batch.")
+@click.option("--batch-window-ms", default=5.0, show_default=True, type=click.FloatRange(0, 1000),
+              help="How long to wait for more requests of an expert before running a batch.")
+@click.option("--max-tokens", "max_tokens_limit", default=512, show_default=True, type=click.IntRange(1, 32768),
+              help="The largest max_tokens a request may ask for.")
+@click.option("--base-model", default=None, metavar="ORG/NAME[@REV]",
+              help="Serve the experts on this base model instead of the registry's (same architecture), "
+                   "or on a local folder.")
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--api-key", default=None, envvar="MOIN_API_KEY", show_envvar=True,
+              help="Require `Authorization: Bearer <key>` on /v1/* (never printed).")
+def command(registry: str, revision: str | None, endpoint: str | None, token: str | None, host: str, port: int,
+            mode: str, k: int, mass: float, mix_temperature: float, threshold: float | None, cache_size: int,
+            cache_bytes: int | None, pins: tuple[str, ...], prefetch: int, max_batch_size: int,
+            batch_window_ms: float, max_tokens_limit: int, base_model: str | None, device: str | None,
+            api_key: str | None) -> None:
+    """Serve the registry's experts over an OpenAI-compatible HTTP API.
+
+    \b
+    POST /v1/completions, /v1/chat/completions   model "moin:auto" routes by content;
+        "moin:top1|topk|adaptive" picks the mode, "moin:base" uses no expert,
+        an expert id or repo id forces that expert
+    POST /v1/route      routing only
+    GET  /v1/experts    registered experts and which are loaded
+    GET  /v1/models     the model names, OpenAI style
+    GET  /metrics       Prometheus: cache hits, loads, route latency, tokens/s
+    GET  /health
+
+    One base model stays in memory; experts are pulled at their pinned commit, verified,
+    and switched as PEFT adapters. Requests for the same expert are batched together.
+    """
+    import uvicorn
+
+    from .._engine import ExpertEngine
+    from .._serve import ServeConfig, create_app
+
+    config = ServeConfig(mode=mode, k=k, temperature=mix_temperature, mass=mass, threshold=threshold,
+                         max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
+                         max_tokens_limit=max_tokens_limit, api_key=api_key)
+    engine = ExpertEngine(registry, revision=revision, endpoint=endpoint, token=token, base_model=base_model,
+                          cache_size=cache_size, cache_bytes=cache_bytes, prefetch=prefetch, device=device)
+    click.echo(f"Registry {engine.registry.registry_id}@{engine.registry.revision[:12]} "
+               f"({len(engine.registry)} experts) on {engine.endpoint}")
+    click.echo("Loading the embedder and the base model ...")
+    engine.warm_up()
+    for expert in pins:
+        slot = engine.pin(expert)
+        click.echo(f"Pinned {slot.expert_id} ({slot.key[0]}@{slot.key[1][:12]})")
+    click.echo(f"Serving on http://{host}:{port}/v1 (mode {mode}; OpenAI-compatible; Ctrl-C to stop)")
+    uvicorn.run(create_app(engine, config), host=host, port=port, log_level="info")

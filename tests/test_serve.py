@@ -1,0 +1,298 @@
+"""`moin-hub serve`: the OpenAI-compatible server, driven by the real `openai` client over HTTP.
+
+A registry of three topic experts (tiny random Llama, real MiniLM centroids) on the session's local Hub;
+the server runs in a thread on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+
+import pytest
+from huggingface_hub import constants
+
+from moin_hub._engine import ExpertEngine
+from moin_hub._mixing import Mixture
+from moin_hub._serve import ExpertBatcher, Job, ServeConfig, next_batch, start_server
+from tests._helpers import QUERIES, TOPICS
+from tests.reliability._tools import raw_request
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+API_KEY = "sk-test-" + uuid.uuid4().hex
+
+
+@pytest.fixture(scope="module")
+def hf_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:  # the module's own HF cache (tests get theirs from hf_home)
+        home = tmp_path_factory.mktemp("serve-hf-home")
+        mp.setenv("HF_HOME", str(home))
+        mp.setattr(constants, "HF_HOME", str(home))
+        mp.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+        yield home
+
+
+@pytest.fixture(scope="module")
+def server(hub, topic_registry, hf_cache):
+    engine = ExpertEngine(topic_registry, endpoint=hub.url, cache_size=2)
+    engine.warm_up()
+    config = ServeConfig(api_key=API_KEY, max_tokens_limit=64, batch_window_ms=20)
+    with start_server(engine, config) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def _get(server, path: str, *, auth: bool = True) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {API_KEY}"} if auth else {}
+    status, _, body = raw_request(server.url, "GET", path, headers=headers)
+    return status, body
+
+
+# ------------------------------------------------------------------------------------------ pure parts
+
+
+def test_next_batch_takes_the_oldest_jobs_expert_and_keeps_order():
+    def job(expert: str, temperature: float = 0.0) -> Job:
+        return Job(Mixture((expert,), (1.0,), "top1"), [1, 2], 4, temperature)
+
+    a1, b1, a2, a3, a_hot = job("a"), job("b"), job("a"), job("a"), job("a", 0.7)
+    batch, rest = next_batch([a1, b1, a2, a3, a_hot], 2)
+    assert batch == [a1, a2] and rest == [b1, a3, a_hot]
+    batch, rest = next_batch(rest, 8)
+    assert batch == [b1] and rest == [a3, a_hot]
+    batch, rest = next_batch(rest, 8)  # another temperature: another batch
+    assert batch == [a3] and rest == [a_hot]
+    assert next_batch([], 4) == ([], [])
+
+
+def test_config_checks_itself():
+    with pytest.raises(ValueError, match="mode"):
+        ServeConfig(mode="top2")
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ServeConfig(max_batch_size=0)
+    with pytest.raises(ValueError, match="threshold"):
+        ServeConfig(threshold=3)
+    assert "api_key" not in repr(ServeConfig(api_key="secret"))
+
+
+# ------------------------------------------------------------------------------------------ the server
+
+
+@pytest.mark.e2e
+def test_completions_route_each_topic_to_its_expert(client):
+    for topic in TOPICS:
+        response = client.completions.create(model="moin:auto", prompt=QUERIES[topic], max_tokens=8,
+                                             temperature=0)
+        choice = response.choices[0]
+        assert isinstance(choice.text, str) and choice.finish_reason in ("stop", "length")
+        assert response.usage.completion_tokens <= 8 and response.usage.prompt_tokens > 0
+        moin = response.model_extra["moin"]
+        assert [e["expert_id"] for e in moin["experts"]] == [topic]
+        assert moin["experts"][0]["weight"] == 1.0 and moin["best"]["expert_id"] == topic
+
+
+@pytest.mark.e2e
+def test_forced_expert_and_base_model_differ_from_each_other(client):
+    forced = client.completions.create(model="cooking", prompt="The weather today", max_tokens=12, temperature=0)
+    assert forced.model_extra["moin"]["experts"][0]["expert_id"] == "cooking"
+    by_repo = client.completions.create(model=forced.model_extra["moin"]["experts"][0]["repo_id"],
+                                        prompt="The weather today", max_tokens=12, temperature=0)
+    assert by_repo.choices[0].text == forced.choices[0].text  # greedy: same expert, same text
+    base = client.completions.create(model="moin:base", prompt="The weather today", max_tokens=12, temperature=0)
+    assert base.model_extra["moin"]["experts"] == []
+    # the test experts are random LoRAs with large updates: an expert changes the greedy text
+    assert base.choices[0].text != forced.choices[0].text
+
+
+@pytest.mark.e2e
+def test_chat_completions_route_on_the_last_user_turn(client):
+    response = client.chat.completions.create(
+        model="moin:auto", max_tokens=6, temperature=0,
+        messages=[{"role": "system", "content": "You are terse."},
+                  {"role": "user", "content": QUERIES["cooking"]},
+                  {"role": "assistant", "content": "Yes."},
+                  {"role": "user", "content": QUERIES["astronomy"]}])
+    assert response.choices[0].message.role == "assistant"
+    assert isinstance(response.choices[0].message.content, str)
+    assert response.model_extra["moin"]["experts"][0]["expert_id"] == "astronomy"
+
+
+@pytest.mark.e2e
+def test_topk_mode_mixes_several_experts(client):
+    response = client.completions.create(model="moin:topk", prompt=QUERIES["football"], max_tokens=4,
+                                         temperature=0)
+    experts = response.model_extra["moin"]["experts"]
+    assert response.model_extra["moin"]["mode"] == "topk"
+    assert experts[0]["expert_id"] == "football" and len(experts) >= 2
+    assert abs(sum(e["weight"] for e in experts) - 1.0) < 1e-6
+    assert experts == sorted(experts, key=lambda e: -e["weight"])
+
+
+@pytest.mark.e2e
+def test_route_experts_models_health(server, client):
+    status, body = raw_request(server.url, "POST", "/v1/route",
+                               headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+                               body=json.dumps({"input": [QUERIES["cooking"], QUERIES["football"]],
+                                                "mode": "adaptive"}).encode())[0::2]
+    assert status == 200
+    data = json.loads(body)["data"]
+    assert [d["expert"]["expert_id"] for d in data] == ["cooking", "football"]
+    assert all(d["mixture"]["mode"] == "adaptive" and d["mixture"]["experts"] for d in data)
+
+    client.completions.create(model="football", prompt="x y", max_tokens=2)
+    status, body = _get(server, "/v1/experts")
+    experts = json.loads(body)
+    assert status == 200 and {e["id"] for e in experts["data"]} == set(TOPICS)
+    loaded = {e["id"] for e in experts["data"] if e["loaded"]}
+    assert "football" in loaded and len(loaded) <= experts["cache"]["capacity"] == 2
+
+    ids = [m.id for m in client.models.list()]
+    assert ids[:5] == ["moin:auto", "moin:top1", "moin:topk", "moin:adaptive", "moin:base"]
+    assert set(ids[5:]) == set(TOPICS)
+    status, body = _get(server, "/health", auth=False)
+    assert status == 200 and json.loads(body)["experts"] == 3
+
+
+@pytest.mark.e2e
+def test_errors_are_openai_error_objects(server, client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="no-such-expert", prompt="hi", max_tokens=2)
+    assert err.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="moin:auto", prompt="hi", max_tokens=10_000)
+    with pytest.raises(openai.BadRequestError, match="empty"):
+        client.completions.create(model="moin:auto", prompt="   ", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="Streaming"):
+        client.completions.create(model="moin:auto", prompt="hi", max_tokens=2, stream=True)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="moin:auto", prompt="hi", max_tokens=2, temperature=9)
+    wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    status, body = raw_request(server.url, "POST", "/v1/completions",
+                               headers={"Authorization": f"Bearer {API_KEY}"}, body=b"{not json")[0::2]
+    assert status == 400 and "error" in json.loads(body)
+
+
+@pytest.mark.e2e
+def test_concurrent_requests_are_batched_per_expert(server, client):
+    engine = server.app.state.engine
+    before = engine.stats.snapshot()
+    results: dict[int, object] = {}
+
+    def ask(i: int) -> None:
+        topic = TOPICS[i % 2]  # two experts, interleaved
+        results[i] = client.completions.create(model=topic, prompt=f"{QUERIES[topic]} {i}", max_tokens=4,
+                                               temperature=0)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 8
+    for i, response in results.items():
+        assert response.model_extra["moin"]["experts"][0]["expert_id"] == TOPICS[i % 2]
+    after = engine.stats.snapshot()
+    requests = after["batched_requests"] - before["batched_requests"]
+    batches = after["batches"] - before["batches"]
+    assert requests == 8 and batches < 8  # some requests shared a batch with their expert's others
+
+    # a batched answer is the answer the request gets alone (left padding does not change greedy output)
+    alone = client.completions.create(model=TOPICS[0], prompt=f"{QUERIES[TOPICS[0]]} 0", max_tokens=4,
+                                      temperature=0)
+    assert alone.choices[0].text == results[0].choices[0].text
+
+
+@pytest.mark.e2e
+def test_metrics_are_prometheus_text(server, client):
+    client.completions.create(model="moin:auto", prompt=QUERIES["cooking"], max_tokens=2)
+    status, body = _get(server, "/metrics", auth=False)
+    text = body.decode()
+    assert status == 200
+    values = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values["moin_cache_hits_total"] + values["moin_cache_misses_total"] >= 1
+    assert values["moin_adapter_loads_total"] >= 1 and values["moin_generated_tokens_total"] >= 1
+    assert values["moin_route_latency_seconds_count"] >= 1
+    assert values['moin_route_latency_seconds_bucket{le="+Inf"}'] == values["moin_route_latency_seconds_count"]
+    assert values['moin_requests_total{path="/v1/completions",status="200"}'] >= 1
+    assert "# TYPE moin_tokens_per_second gauge" in text and API_KEY not in text
+
+
+def test_a_failing_batch_answers_every_request_with_the_error():
+    class Broken:
+        def generate_batch(self, *args, **kwargs):
+            raise RuntimeError("boom")
+
+    batcher = ExpertBatcher(Broken(), max_batch_size=4, window_ms=50)  # type: ignore[arg-type]
+    try:
+        futures = [batcher.submit(Job(Mixture(("a",), (1.0,), "top1"), [1], 2)) for _ in range(3)]
+        for future in futures:
+            with pytest.raises(RuntimeError, match="boom"):
+                future.result(timeout=10)
+    finally:
+        batcher.close()
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+
+def test_byte_sizes_parse():
+    from moin_hub.cli.serve import ByteSize
+
+    size = ByteSize()
+    assert size.convert("512MB", None, None) == 512_000_000
+    assert size.convert("1.5GiB", None, None) == int(1.5 * 2**30)
+    assert size.convert("1000", None, None) == 1000
+    with pytest.raises(Exception, match="not a size"):
+        size.convert("lots", None, None)
+
+
+@pytest.mark.e2e
+def test_moin_hub_serve_runs_as_a_command(hub, topic_registry, tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.reliability._tools import subprocess_env
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    key = "sk-cli-" + uuid.uuid4().hex
+    env = subprocess_env(hub.url, tmp_path / "home", MOIN_API_KEY=key)
+    proc = subprocess.Popen([sys.executable, "-m", "moin_hub", "serve", "--registry", topic_registry, "--port",
+                             str(port), "--pin", "astronomy", "--cache-size", "2", "--mode", "adaptive"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if raw_request(url, "GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.25)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+        response = client.completions.create(model="moin:auto", prompt=QUERIES["cooking"], max_tokens=3)
+        assert response.model_extra["moin"]["mode"] == "adaptive"
+        assert response.model_extra["moin"]["experts"][0]["expert_id"] == "cooking"
+        experts = {e["id"]: e for e in json.loads(raw_request(url, "GET", "/v1/experts",
+                                                              headers={"Authorization": f"Bearer {key}"})[2])["data"]}
+        assert experts["astronomy"]["pinned"] and experts["astronomy"]["loaded"]
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=60)
+    assert "Pinned astronomy" in output and f"127.0.0.1:{port}/v1" in output
+    assert key not in output
