@@ -663,14 +663,39 @@ class ExpertEngine:
             ids = tokenizer("\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"]
         return ids[-max(1, self.max_context() - reserve):]
 
-    def generate_batch(self, prompts: Sequence[Sequence[int]], mixture: Mixture, *, max_new_tokens: Sequence[int],
-                 temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[Sequence[str]] | None = None,
-                 seed: int | None = None) -> list[Completion]:
-        """Generate for a batch of prompts that share one mixture of experts, in one padded forward batch.
+    @contextlib.contextmanager
+    def _using_rows(self, mixtures: Sequence[Mixture]) -> Iterator[tuple[Any, dict[str, Any]]]:
+        """The model and the forward kwargs for a batch whose rows may use different experts.
+
+        Rows that share one mixture run with it active. Rows of different single experts (or the base model)
+        run in ONE batch with PEFT's per-row ``adapter_names`` ("__base__" for the base model): the base
+        weights are shared and each LoRA update applies to its own rows. Mixtures of several experts cannot
+        be mixed with other rows.
+        """
+        keys = {(m.experts, tuple(round(w, 6) for w in m.weights)) for m in mixtures}
+        if len(keys) == 1:
+            with self.using_mixture(mixtures[0]) as model:
+                yield model, {}
+            return
+        if any(len(m.experts) > 1 for m in mixtures):
+            raise ValueError("Rows with different mixtures of several experts cannot share a batch.")
+        experts = sorted({m.experts[0] for m in mixtures if m.experts})
+        with self.hold(experts) as slots, self._lock:
+            names = dict(zip(experts, (s.name for s in slots), strict=True))
+            self._peft.set_adapter(slots[0].name, inference_mode=True)  # any: adapter_names decides per row
+            yield self._peft, {"adapter_names": [names[m.experts[0]] if m.experts else "__base__"
+                                                 for m in mixtures]}
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], mixture: Mixture | Sequence[Mixture], *,
+                       max_new_tokens: Sequence[int], temperature: float = 0.0, top_p: float = 1.0,
+                       stop: Sequence[Sequence[str]] | None = None, seed: int | None = None) -> list[Completion]:
+        """Generate for a batch of prompts in one padded forward batch on the one base model.
 
         Args:
             prompts: token ids of each prompt (left-padded together).
-            mixture: the experts (and weights) for the whole batch; empty: the base model.
+            mixture: the experts (and weights) of the whole batch, or one :class:`Mixture` per prompt. Rows may
+                use different single experts or the base model (empty mixture) in one batch; a mixture of
+                several experts is shared by every row of its batch.
             max_new_tokens: per prompt; the batch runs to the largest and each output is cut to its own.
             temperature: 0 decodes greedily; above 0 samples (with ``top_p``).
             stop: per prompt, strings that end its text (cut before the first one; ``finish_reason`` "stop").
@@ -678,13 +703,17 @@ class ExpertEngine:
 
         Returns:
             One :class:`Completion` per prompt, in order.
+
+        Raises:
+            ValueError: lengths differ, or rows mix different multi-expert mixtures.
         """
         import torch
 
         if not prompts:
             return []
-        if len(max_new_tokens) != len(prompts):
-            raise ValueError("max_new_tokens needs one value per prompt.")
+        mixtures = [mixture] * len(prompts) if isinstance(mixture, Mixture) else list(mixture)
+        if len(max_new_tokens) != len(prompts) or len(mixtures) != len(prompts):
+            raise ValueError("max_new_tokens and mixtures need one value per prompt.")
         stop = stop or [()] * len(prompts)
         model, tokenizer = self._load_base()
         eos = tokenizer.eos_token_id
@@ -700,11 +729,11 @@ class ExpertEngine:
         sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0} \
             if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         start = time.perf_counter()
-        with self.using_mixture(mixture) as active, torch.inference_mode():
+        with self._using_rows(mixtures) as (active, extra), torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)
             out = active.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                  max_new_tokens=n_new, pad_token_id=pad, eos_token_id=eos, **sampling)
+                                  max_new_tokens=n_new, pad_token_id=pad, eos_token_id=eos, **sampling, **extra)
         seconds = time.perf_counter() - start
         results = []
         for row, (limit, stops) in enumerate(zip(max_new_tokens, stop, strict=True)):

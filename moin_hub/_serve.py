@@ -13,8 +13,10 @@ Endpoints (JSON; errors as OpenAI's ``{"error": {"message", "type", "param", "co
 - ``GET /metrics``: Prometheus text (requests, cache hits/misses, loads, evictions, route latency, batch
   sizes, tokens/s); ``GET /health``.
 
-Requests are batched per expert: an :class:`ExpertBatcher` collects requests for a few milliseconds and runs
-those that share a mixture (and sampling settings) as one padded batch on the one base model.
+Requests are batched across experts: an :class:`ExpertBatcher` collects requests for a few milliseconds and
+runs those with the same sampling settings as one padded batch on the one base model, each row with its own
+expert (PEFT's per-row ``adapter_names``: the base weights are shared, each LoRA update applies to its rows).
+Requests for a weighted mixture of several experts batch with requests for the same mixture.
 """
 
 from __future__ import annotations
@@ -117,8 +119,13 @@ class Job:
 
     @property
     def batch_key(self) -> tuple:
-        """Jobs with equal keys run in one batch: same experts and weights, same sampling."""
-        mixture = tuple(zip(self.mixture.experts, (round(w, 6) for w in self.mixture.weights), strict=True))
+        """Jobs with equal keys run in one batch: the same sampling, and either one expert (or none) each, in
+        any mix (per-row adapters), or the same mixture of several experts."""
+        if len(self.mixture.experts) > 1:
+            mixture: Any = tuple(zip(self.mixture.experts, (round(w, 6) for w in self.mixture.weights),
+                                     strict=True))
+        else:
+            mixture = "rows"
         return mixture, self.temperature, self.top_p, self.seed
 
 
@@ -127,9 +134,10 @@ def next_batch(pending: Sequence[Job], max_batch_size: int) -> tuple[list[Job], 
     ``max_batch_size - 1`` more jobs with its batch key, in arrival order. Pure; the batcher's policy.
 
     Example:
-        >>> a, b, c = (Job(Mixture((e,), (1.0,), "top1"), [1], 4) for e in "xyx")
-        >>> [j.mixture.experts for j in next_batch([a, b, c], 8)[0]]
-        [('x',), ('x',)]
+        >>> a, b = (Job(Mixture((e,), (1.0,), "top1"), [1], 4) for e in "xy")
+        >>> c = Job(Mixture(("x", "y"), (0.5, 0.5), "topk"), [1], 4)
+        >>> [j.mixture.experts for j in next_batch([a, c, b], 8)[0]]
+        [('x',), ('y',)]
     """
     if not pending:
         return [], []
@@ -144,7 +152,8 @@ def next_batch(pending: Sequence[Job], max_batch_size: int) -> tuple[list[Job], 
 
 
 class ExpertBatcher:
-    """Runs submitted jobs on an engine, in batches of jobs that share an expert mixture (one thread).
+    """Runs submitted jobs on an engine in batches (one thread): jobs of different single experts share a
+    batch (per-row adapters); a mixture of several experts batches with its own kind.
 
     After the first job of a batch arrives, the batcher waits ``window_ms`` for more, then runs the oldest
     job's group (:func:`next_batch`), so no expert starves.
@@ -205,7 +214,8 @@ class ExpertBatcher:
         first = batch[0]
         try:
             outputs = self.engine.generate_batch(
-                [j.prompt_ids for j in batch], first.mixture, max_new_tokens=[j.max_new_tokens for j in batch],
+                [j.prompt_ids for j in batch], [j.mixture for j in batch],
+                max_new_tokens=[j.max_new_tokens for j in batch],
                 temperature=first.temperature, top_p=first.top_p, stop=[j.stop for j in batch], seed=first.seed)
         except BaseException as err:  # every waiting request must get an answer
             for job in batch:

@@ -129,6 +129,19 @@ def test_generate_batch_equals_one_by_one_and_honours_limits(engine):
     assert base.token_ids != together[0].token_ids  # the expert changes what the base model says
 
 
+def test_one_batch_serves_different_experts_row_by_row(engine):
+    prompts = [engine.encode(QUERIES[t]) for t in TOPICS] + [engine.encode("plain words")]
+    mixtures = [Mixture((t,), (1.0,), "top1") for t in TOPICS] + [Mixture((), (), "base")]
+    together = engine.generate_batch(prompts, mixtures, max_new_tokens=[5] * 4)
+    alone = [engine.generate_batch([p], m, max_new_tokens=[5])[0] for p, m in zip(prompts, mixtures, strict=True)]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert len({c.token_ids for c in together[:3]}) == 3
+    assert engine.stats.batches == 1 + 4
+    with pytest.raises(ValueError, match="several experts"):
+        engine.generate_batch(prompts[:2], [Mixture(("cooking", "football"), (0.5, 0.5), "topk"), mixtures[0]],
+                              max_new_tokens=[2, 2])
+
+
 def test_sampling_is_reproducible_with_a_seed(engine):
     prompt = [engine.encode(QUERIES["astronomy"])]
     mixture = Mixture(("astronomy",), (1.0,), "top1")

@@ -58,17 +58,19 @@ def _get(server, path: str, *, auth: bool = True) -> tuple[int, bytes]:
 # ------------------------------------------------------------------------------------------ pure parts
 
 
-def test_next_batch_takes_the_oldest_jobs_expert_and_keeps_order():
-    def job(expert: str, temperature: float = 0.0) -> Job:
-        return Job(Mixture((expert,), (1.0,), "top1"), [1, 2], 4, temperature)
+def test_next_batch_mixes_single_experts_and_keeps_mixtures_and_sampling_apart():
+    def job(*experts: str, temperature: float = 0.0) -> Job:
+        weights = tuple(1 / len(experts) for _ in experts)
+        return Job(Mixture(experts, weights, "topk" if len(experts) > 1 else "top1"), [1, 2], 4, temperature)
 
-    a1, b1, a2, a3, a_hot = job("a"), job("b"), job("a"), job("a"), job("a", 0.7)
-    batch, rest = next_batch([a1, b1, a2, a3, a_hot], 2)
-    assert batch == [a1, a2] and rest == [b1, a3, a_hot]
+    a1, b1, base, ab, a_hot, ab2 = job("a"), job("b"), job(), job("a", "b"), job("a", temperature=0.7), job("a", "b")
+    batch, rest = next_batch([a1, b1, base, ab, a_hot, ab2], 2)
+    assert batch == [a1, b1] and rest == [base, ab, a_hot, ab2]  # different experts, one batch
     batch, rest = next_batch(rest, 8)
-    assert batch == [b1] and rest == [a3, a_hot]
-    batch, rest = next_batch(rest, 8)  # another temperature: another batch
-    assert batch == [a3] and rest == [a_hot]
+    assert batch == [base] and rest == [ab, a_hot, ab2]
+    batch, rest = next_batch(rest, 8)  # a mixture of several experts batches with the same mixture only
+    assert batch == [ab, ab2] and rest == [a_hot]
+    assert next_batch(rest, 8) == ([a_hot], [])
     assert next_batch([], 4) == ([], [])
 
 
@@ -182,15 +184,15 @@ def test_errors_are_openai_error_objects(server, client):
 
 
 @pytest.mark.e2e
-def test_concurrent_requests_are_batched_per_expert(server, client):
+def test_concurrent_requests_for_different_experts_share_batches(server, client):
     engine = server.app.state.engine
     before = engine.stats.snapshot()
     results: dict[int, object] = {}
+    models = [TOPICS[0], TOPICS[1], "moin:base", "moin:auto"]
 
     def ask(i: int) -> None:
-        topic = TOPICS[i % 2]  # two experts, interleaved
-        results[i] = client.completions.create(model=topic, prompt=f"{QUERIES[topic]} {i}", max_tokens=4,
-                                               temperature=0)
+        results[i] = client.completions.create(model=models[i % 4], prompt=f"{QUERIES[TOPICS[i % 3]]} {i}",
+                                               max_tokens=4, temperature=0)
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
     for t in threads:
@@ -199,16 +201,19 @@ def test_concurrent_requests_are_batched_per_expert(server, client):
         t.join(timeout=120)
     assert len(results) == 8
     for i, response in results.items():
-        assert response.model_extra["moin"]["experts"][0]["expert_id"] == TOPICS[i % 2]
+        experts = [e["expert_id"] for e in response.model_extra["moin"]["experts"]]
+        expected = {0: [TOPICS[0]], 1: [TOPICS[1]], 2: [], 3: [TOPICS[i % 3]]}[i % 4]
+        assert experts == expected
     after = engine.stats.snapshot()
     requests = after["batched_requests"] - before["batched_requests"]
     batches = after["batches"] - before["batches"]
-    assert requests == 8 and batches < 8  # some requests shared a batch with their expert's others
+    assert requests == 8 and batches < 8  # requests for different experts shared batches
 
-    # a batched answer is the answer the request gets alone (left padding does not change greedy output)
-    alone = client.completions.create(model=TOPICS[0], prompt=f"{QUERIES[TOPICS[0]]} 0", max_tokens=4,
-                                      temperature=0)
-    assert alone.choices[0].text == results[0].choices[0].text
+    # a batched answer is the answer each request gets alone (per-row adapters, left padding)
+    for i in (0, 1, 2):
+        alone = client.completions.create(model=models[i], prompt=f"{QUERIES[TOPICS[i % 3]]} {i}", max_tokens=4,
+                                          temperature=0)
+        assert alone.choices[0].text == results[i].choices[0].text
 
 
 @pytest.mark.e2e
