@@ -7,7 +7,11 @@ token-weighted mean next-token NLL over those blocks, so numbers from different 
 adapters on the same texts are directly comparable.
 
 :func:`evaluate_experts` keeps ONE base model in memory and switches LoRA adapters on it
-(``load_adapter`` once per expert, then ``set_adapter``), as a MoIN server does.
+(``load_adapter`` once per expert, then ``set_adapter``), as a MoIN server does. Given each held-out
+text's ranked experts, it also scores the routing modes of :mod:`moin_hub._mixing` (``top1``, ``topk``,
+``adaptive``): texts are grouped by their mixture (weights rounded to :data:`MIX_DECIMALS` decimals), each
+distinct mixture is built once (``add_weighted_adapter`` into ``moin__mixture``, or ``set_adapter`` for a
+single expert), and each group of texts is cut into blocks on its own, as routed texts are.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from ._config import ADAPTER_WEIGHTS_FILENAME
 from ._expert import refuse_pickles
 from ._loading import adapter_name, quiet_peft
+from ._mixing import MIXTURE_SLOT, MODES, Mixture, apply_mixture, mix_weights
 from .errors import InvalidExpertError
 
 logger = logging.getLogger(__name__)
@@ -324,6 +329,136 @@ def _pool(per_topic: Mapping[str, Mapping[str, NLL | None]]) -> dict[str, NLL]:
     return pooled
 
 
+#: Decimals a mixture's weights are rounded to before texts are grouped by mixture: texts whose weights agree
+#: to 0.01 share one adapter and one block stream, so a mixture is built once, not once per text.
+MIX_DECIMALS = 2
+Candidates = Sequence[tuple[str, float]]  # one text's (expert_id, similarity) pairs, best first
+MixKey = tuple[tuple[str, float], ...]  # a mixture's (expert_id, rounded weight) pairs, best first; () = the base
+
+
+def text_mixture(candidates: Candidates, mode: str, *, k: int = 3, temperature: float = 0.05, mass: float = 0.8,
+                 threshold: float | None = None) -> MixKey:
+    """The mixture one text gets in ``mode``, with its weights rounded to :data:`MIX_DECIMALS` decimals.
+
+    Args:
+        candidates: the text's experts and their similarities to its query, best first.
+        mode / k / temperature / mass / threshold: as in :func:`~moin_hub._mixing.mix_weights`.
+
+    Returns:
+        ``((expert_id, weight), ...)`` best first, experts whose weight rounds to 0 left out (the weights
+        are renormalised when the mixture is built); ``()`` below the threshold: the base model.
+
+    Example:
+        >>> text_mixture([("a", 0.62), ("b", 0.60), ("c", 0.2)], "topk")
+        (('a', 0.6), ('b', 0.4))
+    """
+    weights = mix_weights([s for _, s in candidates], mode=mode, k=k, temperature=temperature, mass=mass,
+                          threshold=threshold)
+    pairs = [(e, w) for (e, _), w in zip(candidates, weights, strict=False) if w > 0]
+    rounded = tuple((e, round(w, MIX_DECIMALS)) for e, w in pairs if round(w, MIX_DECIMALS) > 0)
+    return rounded or tuple(pairs)  # over 200 near-equal experts every weight rounds to 0: keep them exact
+
+
+def _mixture_of(key: MixKey) -> Mixture:
+    total = sum(w for _, w in key)
+    return Mixture(tuple(e for e, _ in key), tuple(w / total for _, w in key), "eval")
+
+
+@contextlib.contextmanager
+def _mixed(model: Any, key: MixKey) -> Iterator[None]:
+    """Run ``model`` with the mixture ``key`` (one expert: its slot; several: ``moin__mixture``; none: the base)."""
+    if not key:
+        with _using(model, None):
+            yield
+    else:
+        if len(key) > 1 and model.active_adapter == MIXTURE_SLOT:  # replacing the active slot would warn
+            model.set_adapter(adapter_name(key[0][0]))
+        apply_mixture(model, _mixture_of(key))
+        yield
+
+
+def _empty_mode() -> dict[str, Any]:
+    return {"nll": 0.0, "tokens": 0, "experts": 0, "texts": 0, "base_only": 0, "mixtures": set()}
+
+
+def _modes_nll(model: Any, tokenizer: Any, eval_sets: Mapping[str, Sequence[str]],
+               ranked: Mapping[str, Sequence[Candidates]], modes: Sequence[str], mixing: dict[str, Any],
+               kw: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{topic: {mode: stats}}``: summed NLL and tokens, experts summed over texts, texts, texts on the base,
+    and the distinct mixtures. Every (mode, topic) group of texts with the same rounded mixture is cut into
+    blocks on its own; each distinct mixture is made active once for all the groups that use it."""
+    plans: dict[MixKey, dict[tuple[str, str], list[str]]] = {}
+    stats: dict[str, dict[str, dict[str, Any]]] = {}
+    for mode in modes:
+        for topic, per_text in ranked.items():
+            st = stats.setdefault(topic, {}).setdefault(mode, _empty_mode())
+            for text, candidates in zip(eval_sets[topic], per_text, strict=True):
+                key = text_mixture(candidates, mode, **mixing)
+                plans.setdefault(key, {}).setdefault((mode, topic), []).append(text)
+                st["experts"] += len(key)
+                st["texts"] += 1
+                st["base_only"] += not key
+                st["mixtures"].add(key)
+    for key, groups in plans.items():
+        with _mixed(model, key):
+            for (mode, topic), texts in groups.items():
+                nll, n_tokens = blocks_nll(model, build_blocks(tokenizer, texts, kw["seq_len"]),
+                                           batch_size=kw["batch_size"], bf16=kw["bf16"])
+                stats[topic][mode]["nll"] += nll
+                stats[topic][mode]["tokens"] += n_tokens
+    return stats
+
+
+def _pool_modes(per_topic: Mapping[str, Mapping[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    pooled: dict[str, dict[str, Any]] = {}
+    for topic_stats in per_topic.values():
+        for mode, st in topic_stats.items():
+            into = pooled.setdefault(mode, _empty_mode())
+            for name in ("nll", "tokens", "experts", "texts", "base_only"):
+                into[name] += st[name]
+            into["mixtures"] |= st["mixtures"]
+    return pooled
+
+
+def _mode_scores(stats: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{mode: {ppl, tokens, mean_experts, base_only, mixtures}}`` of some texts' mode stats."""
+    return {mode: {"ppl": _ppl(st["nll"], st["tokens"]), "tokens": st["tokens"],
+                   "mean_experts": st["experts"] / st["texts"] if st["texts"] else None,
+                   "base_only": st["base_only"] / st["texts"] if st["texts"] else None,
+                   "mixtures": len(st["mixtures"])}
+            for mode, st in stats.items()}
+
+
+def _check_ranked(ranked: Mapping[str, Sequence[Candidates]] | None, eval_sets: Mapping[str, Sequence[str]],
+                  expert_dirs: Mapping[str, Any]) -> None:
+    for topic, per_text in (ranked or {}).items():
+        if topic not in eval_sets:
+            raise ValueError(f"ranked[{topic!r}]: no eval set of that topic.")
+        if len(per_text) != len(eval_sets[topic]):
+            raise ValueError(f"ranked[{topic!r}] has {len(per_text)} candidate lists for "
+                             f"{len(eval_sets[topic])} texts.")
+        for i, candidates in enumerate(per_text):
+            ids, sims = [e for e, _ in candidates], [float(s) for _, s in candidates]
+            unknown = sorted({e for e in ids if e not in expert_dirs})
+            if unknown:
+                raise ValueError(f"ranked[{topic!r}][{i}] names experts {unknown} that are not in expert_dirs.")
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"ranked[{topic!r}][{i}] names an expert twice: {ids}.")
+            if any(not math.isfinite(s) for s in sims) or any(a < b for a, b in zip(sims, sims[1:], strict=False)):
+                raise ValueError(f"ranked[{topic!r}][{i}]: similarities must be finite and sorted best first, "
+                                 f"got {sims}.")
+
+
+def check_mixing(modes: Sequence[str], mixing: dict[str, Any]) -> None:
+    if isinstance(modes, str):
+        raise ValueError(f"modes must be a sequence of modes, got the string {modes!r}.")
+    for mode in modes:
+        mix_weights([1.0], mode=mode, **{**mixing, "threshold": None})  # names a bad mode, k, temperature or mass
+    threshold = mixing["threshold"]
+    if threshold is not None and not (isinstance(threshold, int | float) and math.isfinite(threshold)):
+        raise ValueError(f"threshold must be a finite number or None, got {threshold!r}.")
+
+
 def _check_routed(routed: Mapping[str, Sequence[str | None]] | None, eval_sets: Mapping[str, Sequence[str]],
                   expert_dirs: Mapping[str, Any]) -> None:
     for topic, choices in (routed or {}).items():
@@ -339,6 +474,8 @@ def _check_routed(routed: Mapping[str, Sequence[str | None]] | None, eval_sets: 
 def evaluate_experts(base_model: torch.nn.Module, tokenizer: Any, expert_dirs: Mapping[str, str | Path],
                      eval_sets: Mapping[str, Sequence[str]], *,
                      routed: Mapping[str, Sequence[str | None]] | None = None,
+                     ranked: Mapping[str, Sequence[Candidates]] | None = None, modes: Sequence[str] = MODES,
+                     k: int = 3, temperature: float = 0.05, mass: float = 0.8, threshold: float | None = None,
                      dense_dir: str | Path | None = None, seq_len: int = 256,
                      batch_size: int = 8, bf16: BF16 = "auto") -> dict[str, Any]:
     """Per-topic perplexity of the base model, of the topic's own expert (oracle), and of routed experts.
@@ -353,6 +490,12 @@ def evaluate_experts(base_model: torch.nn.Module, tokenizer: Any, expert_dirs: M
         eval_sets: ``{topic_id: held-out texts}``; a topic's oracle expert is the expert of the same id.
         routed: optional ``{topic_id: [expert_id or None, one per text of eval_sets[topic_id]]}``, the
             router's choice for each held-out text (``None`` = no expert, the base model).
+        ranked: optional ``{topic_id: [[(expert_id, similarity), ...] best first, one list per text]}``: the
+            experts nearest each text's query. With it, every routing mode of ``modes`` is scored.
+        modes: the routing modes scored from ``ranked`` (:data:`~moin_hub._mixing.MODES`): ``top1``, ``topk``
+            (softmax over the ``k`` nearest), ``adaptive`` (as few as carry ``mass`` of the softmax).
+        k / temperature / mass / threshold: the mixing parameters of :func:`~moin_hub._mixing.mix_weights`;
+            below ``threshold`` a text is scored by the base model.
         dense_dir: optional folder of the dense baseline (one LoRA trained on all topics), scored on
             every topic as ``dense_ppl``.
         seq_len / batch_size / bf16: as in :func:`perplexity`.
@@ -363,10 +506,16 @@ def evaluate_experts(base_model: torch.nn.Module, tokenizer: Any, expert_dirs: M
         predicted tokens behind each (``base_tokens``, ``oracle_tokens``, ``routed_tokens``; routed texts
         are regrouped per expert before cutting blocks, so their count may differ by a few tail tokens).
         Per topic, ``routed_to_own`` is the fraction of texts routed to the topic's own expert.
-        ``overall`` pools the NLL of all topics (token-weighted), each kind over the topics it was measured on.
+        ``scores["modes"]`` is ``{mode: {"ppl", "tokens", "mean_experts", "base_only", "mixtures"}}`` (empty
+        without ``ranked``): the perplexity when each text gets its mode's mixture (weights rounded to
+        :data:`MIX_DECIMALS` decimals, texts grouped by mixture before cutting blocks), the mean number of
+        experts per text, the fraction of texts left to the base (``threshold``), and the distinct mixtures.
+        ``overall`` pools the NLL of all topics (token-weighted), each kind over the topics it was measured on;
+        ``mixing`` records the modes and parameters (``None`` without ``ranked``).
 
     Raises:
-        ValueError: ``routed`` names an unknown topic or expert, or a choice list has the wrong length.
+        ValueError: ``routed`` or ``ranked`` names an unknown topic or expert, or a list has the wrong length;
+            similarities not sorted best first; an unknown mode or bad mixing parameters.
         InvalidExpertError / UnsafeFileError: an expert folder has no safetensors adapter or ships a pickle.
 
     Example:
@@ -376,22 +525,33 @@ def evaluate_experts(base_model: torch.nn.Module, tokenizer: Any, expert_dirs: M
         True
     """
     _check_routed(routed, eval_sets, expert_dirs)
+    _check_ranked(ranked, eval_sets, expert_dirs)
+    mixing = {"k": k, "temperature": temperature, "mass": mass, "threshold": threshold}
+    check_mixing(modes, mixing)
     if dense_dir is not None and DENSE_ID in expert_dirs:
         raise ValueError(f"expert id {DENSE_ID!r} is reserved for the dense baseline.")
     kw = {"seq_len": seq_len, "batch_size": batch_size, "bf16": bf16}
     routed = routed or {}
+    modes = list(dict.fromkeys(modes)) if ranked else []
     adapters = {**expert_dirs, **({DENSE_ID: dense_dir} if dense_dir is not None else {})}
     model = _attach_experts(base_model, adapters) if adapters else base_model
     try:
         nlls = {topic: _topic_nll(model, tokenizer, topic, texts, topic in expert_dirs, routed.get(topic), kw,
                                   has_dense=dense_dir is not None)
                 for topic, texts in eval_sets.items()}
+        mode_stats = _modes_nll(model, tokenizer, eval_sets, ranked, modes, mixing, kw) if modes else {}
     finally:
         if model is not base_model:
+            if MIXTURE_SLOT in model.peft_config:  # the mixture is not one of the loaded experts: drop it first
+                model.set_adapter(next(slot for slot in model.peft_config if slot != MIXTURE_SLOT))
+                model.delete_adapter(MIXTURE_SLOT)
             model.unload()
     topics = {}
     for topic, topic_nlls in nlls.items():
         choices = routed.get(topic)
         own = sum(c == topic for c in choices) / len(choices) if choices else None
-        topics[topic] = {**_scores(topic_nlls), "routed_to_own": own}
-    return {"topics": topics, "overall": _scores(_pool(nlls))}
+        topics[topic] = {**_scores(topic_nlls), "routed_to_own": own,
+                         "modes": _mode_scores(mode_stats.get(topic, {}))}
+    overall = {**_scores(_pool(nlls)), "modes": _mode_scores(_pool_modes(mode_stats))}
+    return {"topics": topics, "overall": overall,
+            "mixing": {"modes": modes, **mixing, "decimals": MIX_DECIMALS} if modes else None}

@@ -11,7 +11,7 @@ never retrained). Layout of a workspace::
     topics/                  the TopicModel: centroids, assignments, keywords, metrics
     experts/<expert_id>/     one trained expert per topic (``topic-00``, ``topic-01``, ...)
     baselines/dense/         the dense baseline: one LoRA on all topics with the experts' total budget
-    report.json, plots/      what ``evaluate`` measured
+    report.json, plots/      what ``evaluate`` measured (base / routed / oracle / dense, and the routing modes)
 
 The base model and the embedder are always loaded from a Hub (the real one or the local server) at a
 pinned commit, so an expert trained here names exactly the base it adapts.
@@ -26,7 +26,7 @@ import os
 import time
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,6 +40,7 @@ from ._corpus import Document, describe, load_brown, load_documents
 from ._embed import download_model_dir, load_embedder
 from ._hub import get_api, resolve_endpoint
 from ._io import write_json, write_jsonl
+from ._mixing import MODES
 from ._registry import embedder_dimension, resolve_pinned
 from ._train import TRAINING_FILENAME, TopicJob, TrainConfig, is_finished, train_dense, train_experts
 from ._validators import validate_positive_int
@@ -328,20 +329,47 @@ def expert_dirs(workdir: str | os.PathLike) -> dict[str, Path]:
 
 def evaluate(workdir: str | os.PathLike, *, endpoint: str | None = None, token: str | bool | None = None,
              seq_len: int = 256, batch_size: int = 8, max_docs_per_topic: int | None = None,
-             plots: bool = True) -> dict[str, Any]:
-    """Held-out perplexity per topic of base, routed expert, oracle expert and dense baseline, plus
-    routing accuracy; writes ``report.json`` and the plots.
+             modes: Sequence[str] = MODES, k: int = 3, temperature: float = 0.05, mass: float = 0.8,
+             threshold: float | None = None, plots: bool = True) -> dict[str, Any]:
+    """Held-out perplexity per topic of base, routed expert, oracle expert and dense baseline, and of each
+    routing mode, plus routing accuracy; writes ``report.json`` and the plots.
 
     Routing is scored as a user meets it: each held-out document is routed by its first
     ``query_words`` words; its own topic is the nearest centroid to the whole document. With labels
     (Brown genre groups), routing is also scored at the label level: a routed document counts as right
     when its label is the majority label of the topic it was routed to.
 
-    Raises:
-        MoinHubError: no trained experts in the workspace.
-    """
-    from ._evaluate import evaluate_experts, load_base
+    The routing modes (``report["perplexity"][...]["modes"]``) mix the trained experts nearest each
+    query, with the query embeddings the cluster step stored (nothing is embedded again): ``top1`` is
+    the nearest trained expert alone (the same as ``routed`` unless a topic has no expert: ``routed``
+    then gives the text to the base model, ``top1`` to the nearest expert that exists, as a registry's
+    router would), ``topk`` a softmax over the ``k`` nearest, ``adaptive`` as few as carry ``mass``.
 
+    Args:
+        workdir: the workspace folder.
+        endpoint / token: the Hub the base model is downloaded from.
+        seq_len / batch_size: tokens per scored block, blocks per forward pass.
+        max_docs_per_topic: score at most this many held-out documents per topic.
+        modes: the routing modes to score (:data:`~moin_hub._mixing.MODES`); ``()`` for none.
+        k / temperature / mass / threshold: the mixing parameters (see :func:`~moin_hub._mixing.mix_weights`);
+            below ``threshold`` a query gets the base model.
+        plots: write the PNG plots.
+
+    Returns:
+        The report, as written to ``<workdir>/report.json``.
+
+    Raises:
+        MoinHubError: no trained experts in the workspace, or its stored query embeddings do not match
+            its held-out documents.
+        ValueError: an unknown mode or bad mixing parameters.
+
+    Example:
+        >>> report = evaluate("work", modes=("top1", "topk"), k=2)  # doctest: +SKIP
+        >>> report["perplexity"]["overall"]["modes"]["topk"]["ppl"]  # doctest: +SKIP
+    """
+    from ._evaluate import check_mixing, evaluate_experts, load_base
+
+    check_mixing(modes, {"k": k, "temperature": temperature, "mass": mass, "threshold": threshold})
     workdir = Path(workdir)
     workspace = Workspace.load(workdir)
     experts = expert_dirs(workdir)
@@ -349,20 +377,26 @@ def evaluate(workdir: str | os.PathLike, *, endpoint: str | None = None, token: 
         raise MoinHubError(f"No trained experts in {workdir / EXPERTS_DIR}.", hint="Run `moin-hub train` first.")
     heldout = _read_jsonl(workdir / "documents" / "heldout.jsonl")
     train_rows = _read_jsonl(workdir / "documents" / "train.jsonl")
+    candidates = ranked_experts(workdir, experts, len(heldout), k=k) if modes else None
     eval_sets: dict[str, list[str]] = {}
     routed: dict[str, list[str | None]] = {}
-    for row in heldout:
+    ranked: dict[str, list[list[tuple[str, float]]]] = {}
+    for i, row in enumerate(heldout):
         topic = topic_expert_id(row["topic"])
         if max_docs_per_topic is not None and len(eval_sets.get(topic, ())) >= max_docs_per_topic:
             continue
         choice = topic_expert_id(row["routed"])
         eval_sets.setdefault(topic, []).append(row["text"])
         routed.setdefault(topic, []).append(choice if choice in experts else None)
+        if candidates is not None:
+            ranked.setdefault(topic, []).append(candidates[i])
     dense_dir = workdir / DENSE_DIR / DENSE_ID
     start = time.perf_counter()
     model, tokenizer = load_base(base_model_dir(workspace, endpoint=endpoint, token=token))
-    scores = evaluate_experts(model, tokenizer, experts, eval_sets, routed=routed, seq_len=seq_len,
-                              batch_size=batch_size, dense_dir=dense_dir if is_finished(dense_dir) else None)
+    scores = evaluate_experts(model, tokenizer, experts, eval_sets, routed=routed, ranked=ranked or None,
+                              modes=modes, k=k, temperature=temperature, mass=mass, threshold=threshold,
+                              seq_len=seq_len, batch_size=batch_size,
+                              dense_dir=dense_dir if is_finished(dense_dir) else None)
     seconds = time.perf_counter() - start
     report = {
         "workspace": str(workdir), "base_model": workspace.base_model.to_dict(),
@@ -379,6 +413,37 @@ def evaluate(workdir: str | os.PathLike, *, endpoint: str | None = None, token: 
         report["plots"] = [str(p) for p in write_plots(workdir, report, _topics(workdir))]
     write_json(workdir / REPORT_FILENAME, report)
     return report
+
+
+def ranked_experts(workdir: str | os.PathLike, experts: Mapping[str, Any], n_heldout: int, *,
+                   k: int) -> list[list[tuple[str, float]]]:
+    """For each held-out document, the ``k`` trained experts nearest its query, best first, with their
+    cosine similarities: the query embeddings the cluster step stored against the topic centroids, searched
+    as :func:`~moin_hub._cluster.nearest_centroid` searches them (so the first is the ``routed`` topic).
+
+    Raises:
+        MoinHubError: the stored query embeddings do not match the held-out documents or the centroids.
+    """
+    import faiss
+
+    from ._cluster import _unit_rows
+
+    workdir = Path(workdir)
+    queries = read_embeddings(workdir).get("queries")
+    centroids = _topics(workdir).centroids
+    if queries is None or queries.shape[0] != n_heldout or queries.shape[1] != centroids.shape[1]:
+        shape = None if queries is None else tuple(queries.shape)
+        raise MoinHubError(f"{workdir / 'documents' / EMBEDDINGS_FILENAME} holds query embeddings of shape {shape} "
+                           f"for {n_heldout} held-out documents and {tuple(centroids.shape)} centroids.",
+                           hint="Run `moin-hub cluster` again into this folder.")
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(_unit_rows(centroids, field="centroids"))
+    sims, ids = index.search(_unit_rows(queries, field="queries"), centroids.shape[0])  # every topic, best first
+    ranked = []
+    for row_ids, row_sims in zip(ids, sims, strict=True):
+        pairs = [(topic_expert_id(int(t)), float(s)) for t, s in zip(row_ids, row_sims, strict=True)]
+        ranked.append([(e, s) for e, s in pairs if e in experts][:k])
+    return ranked
 
 
 def routing_scores(train_rows: Sequence[dict[str, Any]], heldout_rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

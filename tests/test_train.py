@@ -259,6 +259,103 @@ def test_evaluate_experts_oracle_beats_base_and_routing_is_scored(trained, tiny_
         evaluate_experts(model, tokenizer, trained, eval_sets, routed={"cooking": ["nope"] * n})
 
 
+def _manual_mixture_ppl(tiny_base, trained, weights: dict[str, float], texts) -> float:
+    """Perplexity of ``texts`` under a weighted ``cat`` adapter built by hand with PEFT, on a fresh base."""
+    from peft import PeftModel
+
+    from moin_hub._loading import adapter_name, quiet_peft
+
+    base, tokenizer = load_base(tiny_base)
+    (first, *rest) = weights
+    with quiet_peft():
+        model = PeftModel.from_pretrained(base, str(trained[first]), adapter_name=adapter_name(first))
+        for expert_id in rest:
+            model.load_adapter(str(trained[expert_id]), adapter_name=adapter_name(expert_id))
+    model.add_weighted_adapter([adapter_name(e) for e in weights], list(weights.values()), adapter_name="by-hand",
+                               combination_type="cat")
+    model.set_adapter("by-hand")
+    return perplexity(model, tokenizer, texts, seq_len=32, bf16=False)[0]
+
+
+def test_routing_modes_are_scored_with_mixtures_built_once(trained, tiny_base, monkeypatch):
+    from peft.tuners.lora import LoraModel
+
+    from moin_hub._evaluate import MIX_DECIMALS
+    from moin_hub._mixing import mix_weights
+
+    built = []
+    real_add = LoraModel.add_weighted_adapter  # PeftModel.add_weighted_adapter delegates to it
+
+    def counting_add(self, adapters, weights, *args, **kwargs):
+        built.append((tuple(adapters), tuple(weights)))
+        return real_add(self, adapters, weights, *args, **kwargs)
+
+    monkeypatch.setattr(LoraModel, "add_weighted_adapter", counting_add)
+    model, tokenizer = load_base(tiny_base)
+    eval_sets = {topic: TOPIC_TEXTS[topic] for topic in TOPIC_TEXTS}
+    n = len(TOPIC_TEXTS["cooking"])
+    # cooking: a confident router (topk's softmax puts ~1e-7 on football); football: two close experts;
+    # astronomy (no expert of its own): a tie between the two
+    per_topic = {"cooking": [("cooking", 0.9), ("football", 0.1)], "football": [("football", 0.60), ("cooking", 0.58)],
+                 "astronomy": [("football", 0.3), ("cooking", 0.3)]}
+    ranked = {topic: [cands] * n for topic, cands in per_topic.items()}
+    routed = {topic: [cands[0][0]] * n for topic, cands in per_topic.items()}
+    scores = evaluate_experts(model, tokenizer, trained, eval_sets, routed=routed, ranked=ranked, seq_len=32,
+                              bf16=False)
+    # each distinct two-expert mixture was built once, shared by topk and adaptive and by all its texts
+    assert sorted(built) == [(("moin__football", "moin__cooking"), (0.5, 0.5)),
+                             (("moin__football", "moin__cooking"), (0.6, 0.4))]
+    topics, overall = scores["topics"], scores["overall"]
+    assert scores["mixing"] == {"modes": ["top1", "topk", "adaptive"], "k": 3, "temperature": 0.05, "mass": 0.8,
+                                "threshold": None, "decimals": MIX_DECIMALS}
+    for s in [*topics.values(), overall]:  # top1 is the routed choice, scored the same way
+        assert s["modes"]["top1"]["ppl"] == pytest.approx(s["routed_ppl"], rel=1e-9)
+        assert s["modes"]["top1"]["tokens"] == s["routed_tokens"] and s["modes"]["top1"]["mean_experts"] == 1
+    # a mixture of one expert with weight 1 is exactly that expert
+    cooking = topics["cooking"]["modes"]
+    assert cooking["topk"]["ppl"] == cooking["adaptive"]["ppl"] == cooking["top1"]["ppl"]
+    assert cooking["topk"]["mean_experts"] == 1 and topics["cooking"]["oracle_ppl"] == pytest.approx(cooking["top1"]["ppl"])
+    # two experts: the same perplexity as a weighted adapter built by hand with those (rounded) weights
+    weights = [round(w, MIX_DECIMALS) for w in mix_weights([0.60, 0.58], mode="topk")]
+    assert weights == [0.6, 0.4]
+    by_hand = _manual_mixture_ppl(tiny_base, trained, {"football": 0.6, "cooking": 0.4}, TOPIC_TEXTS["football"])
+    football = topics["football"]["modes"]
+    assert football["topk"]["ppl"] == pytest.approx(by_hand, rel=1e-6)
+    assert football["topk"]["ppl"] != pytest.approx(football["top1"]["ppl"], rel=1e-3)  # the mixture is no top1
+    assert football["topk"]["mean_experts"] == 2 and football["topk"]["mixtures"] == 1
+    assert football["adaptive"]["ppl"] == football["topk"]["ppl"]  # 0.6 < mass 0.8: adaptive takes both too
+    tie = _manual_mixture_ppl(tiny_base, trained, {"football": 0.5, "cooking": 0.5}, TOPIC_TEXTS["astronomy"])
+    assert topics["astronomy"]["modes"]["topk"]["ppl"] == pytest.approx(tie, rel=1e-6)
+    # adaptive: 1 expert for cooking, 2 for football and astronomy
+    assert overall["modes"]["adaptive"]["mean_experts"] == pytest.approx(5 / 3)
+    assert 1 <= overall["modes"]["adaptive"]["mean_experts"] <= 3
+    assert overall["modes"]["topk"]["mixtures"] == 3 and overall["modes"]["top1"]["mixtures"] == 2
+    assert not any("lora" in name for name, _ in model.named_modules())  # mixture slot and experts are gone
+
+    # k=1: topk is top1; a threshold leaves the unsure astronomy queries to the base model
+    one = evaluate_experts(model, tokenizer, trained, eval_sets, ranked=ranked, modes=("top1", "topk"), k=1,
+                           threshold=0.5, seq_len=32, bf16=False)
+    for s in [*one["topics"].values(), one["overall"]]:
+        assert s["modes"]["topk"]["ppl"] == s["modes"]["top1"]["ppl"]
+    astronomy = one["topics"]["astronomy"]
+    assert astronomy["modes"]["top1"]["ppl"] == pytest.approx(astronomy["base_ppl"], rel=1e-9)
+    assert astronomy["modes"]["top1"]["base_only"] == 1 and astronomy["modes"]["top1"]["mean_experts"] == 0
+    assert one["overall"]["modes"]["top1"]["base_only"] == pytest.approx(1 / 3)
+    assert "adaptive" not in one["overall"]["modes"]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"modes": ("top1", "best")}, "mode"), ({"k": 0}, "k"), ({"mass": 0}, "mass"), ({"temperature": -1}, "temperature"),
+    ({"threshold": float("nan")}, "threshold"),
+    ({"ranked": {"cooking": [[("cooking", 0.1), ("football", 0.5)]]}}, "sorted best first"),
+    ({"ranked": {"cooking": [[("nope", 0.1)]]}}, "not in expert_dirs"),
+    ({"ranked": {"cooking": []}}, "candidate lists for 1 texts"),
+])
+def test_evaluate_experts_refuses_bad_modes_and_rankings(kwargs, message):
+    with pytest.raises(ValueError, match=message):  # checked before any model is touched
+        evaluate_experts(None, None, {"cooking": "x", "football": "y"}, {"cooking": ["a text"]}, **kwargs)
+
+
 def test_bf16_auto_follows_the_hardware(monkeypatch):
     from moin_hub import _evaluate
 

@@ -151,26 +151,71 @@ def train_command(workdir: Path, rank: int, alpha: float, target_modules: str, l
 # ------------------------------------------------------------------------------------------ evaluate
 
 
-@click.command("evaluate", epilog=examples("moin-hub evaluate work", "moin-hub evaluate work --format json"))
+MODE_NAMES = ("top1", "topk", "adaptive")  # moin_hub._mixing.MODES, without importing torch for --help
+
+
+def _parse_modes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    """``top1,topk`` -> ``("top1", "topk")``: known modes only, duplicates dropped, order kept."""
+    modes = tuple(dict.fromkeys(m.strip() for m in value.split(",") if m.strip()))
+    unknown = [m for m in modes if m not in MODE_NAMES]
+    if unknown or not modes:
+        raise click.BadParameter(f"unknown mode(s) {', '.join(map(repr, unknown)) or repr(value)}; give a "
+                                 f"comma-separated list of {', '.join(MODE_NAMES)}.", ctx=ctx, param=param)
+    return modes
+
+
+@click.command("evaluate", epilog=examples(
+    "moin-hub evaluate work",
+    "moin-hub evaluate work --modes top1,topk --top-k 2 --format json",
+    "moin-hub evaluate work --modes adaptive --mass 0.9 --threshold 0.1",
+))
 @WORKDIR
 @click.option("--seq-len", type=click.IntRange(2), default=256, show_default=True, help="Tokens per scored block.")
 @click.option("--max-docs-per-topic", type=click.IntRange(1), default=None, help="Cap held-out documents per topic.")
+@click.option("--modes", default=",".join(MODE_NAMES), show_default=True, callback=_parse_modes,
+              help="Routing modes to score, comma-separated: top1 = the nearest expert; topk = the k nearest, "
+                   "softmax-weighted; adaptive = as few as carry --mass of the probability.")
+@click.option("-k", "--top-k", "k", type=click.IntRange(1), default=3, show_default=True,
+              help="The most experts a query mixes (topk, adaptive).")
+@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True,
+              help="Softmax temperature over the similarities (topk, adaptive).")
+@click.option("--mass", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
+              help="adaptive: probability mass the chosen experts must reach.")
+@click.option("--threshold", type=float, default=None,
+              help="Below this best similarity a query gets no expert: the base model scores it.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @hub_options
-def evaluate_command(workdir: Path, seq_len: int, max_docs_per_topic: int | None, no_plots: bool,
+def evaluate_command(workdir: Path, seq_len: int, max_docs_per_topic: int | None, modes: tuple[str, ...], k: int,
+                     temperature: float, mass: float, threshold: float | None, no_plots: bool,
                      endpoint: str | None, token: str | None, output_format: str) -> None:
-    """Score WORKDIR's experts on held-out text: base vs routed vs oracle vs dense.
+    """Score WORKDIR's experts on held-out text: base vs routed vs oracle vs dense, and each routing mode.
 
     \b
     Writes WORKDIR/report.json and plots (perplexity per expert, documents per topic, 2-D map).
     Routed = each held-out document routed by its first words, as a query; oracle = the topic of
     the whole document; dense = the baseline from `train --dense`, if trained.
+    Each of --modes scores every document with the mixture its query gets (as `route --mode`):
+    one line per mode with its perplexity and mean experts per document; json: "modes" in
+    report["perplexity"]["overall"] and in each topic.
     """
     from .._pipeline import evaluate
 
-    report = evaluate(workdir, endpoint=endpoint, token=token, seq_len=seq_len,
-                      max_docs_per_topic=max_docs_per_topic, plots=not no_plots)
+    report = evaluate(workdir, endpoint=endpoint, token=token, seq_len=seq_len, max_docs_per_topic=max_docs_per_topic,
+                      modes=modes, k=k, temperature=temperature, mass=mass, threshold=threshold, plots=not no_plots)
     emit(output_format, report, lambda: format_report(report))
+
+
+def format_modes(report: dict[str, Any]) -> list[str]:
+    """One line per routing mode of the report's overall scores (none if no mode was scored)."""
+    overall = report["perplexity"]["overall"]
+    base = overall.get("base_ppl")
+    lines = []
+    for mode, m in overall.get("modes", {}).items():
+        vs_base = f" (x{m['ppl'] / base:.3f} of base)" if m["ppl"] and base else ""
+        extra = f", {m['base_only']:.0%} to the base" if m.get("base_only") else ""
+        lines.append(f"Mode {mode:<9} ppl {_fmt(m['ppl'])}{vs_base}  {_fmt(m['mean_experts'])} experts/document, "
+                     f"{m['mixtures']} distinct mixture(s){extra}, {m['tokens']} tokens")
+    return lines
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -181,6 +226,7 @@ def format_report(report: dict[str, Any]) -> str:
         own = s.get("routed_to_own")
         lines.append(f"{topic:<12}{_fmt(s['base_ppl']):>9}{_fmt(s['routed_ppl']):>9}{_fmt(s['oracle_ppl']):>9}"
                      f"{_fmt(s['dense_ppl']):>9}{_fmt(own):>13}")
+    lines.extend(format_modes(report))
     routing = report["routing"]
     lines.append(f"Routing accuracy: topic {_fmt(routing['topic_accuracy'], 3)}, "
                  f"label {_fmt(routing['label_accuracy'], 3)} over {routing['documents']} held-out queries")
