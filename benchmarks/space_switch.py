@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import print_table, publish_registry, use_fresh_hf_home
+
 TOPICS = {
     "cooking": ["Knead the bread dough for ten minutes until it is smooth and elastic.",
                 "Simmer the tomato sauce with garlic, basil and olive oil for half an hour."],
@@ -46,31 +48,6 @@ QUERIES = {
 }
 
 
-def write_expert(folder: Path, base, embedder, topic: str, base_repo: str, seed: int) -> Path:  # noqa: ANN001
-    """A valid expert folder: a random non-zero LoRA (r=8, q/v) on ``base`` and the topic's centroid."""
-    import numpy as np
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from moin_hub._config import ExpertMetadata
-    from moin_hub._expert import write_centroid
-
-    torch.manual_seed(seed)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                        task_type="CAUSAL_LM")
-    model = get_peft_model(base, config)
-    model.peft_config["default"].base_model_name_or_path = base_repo
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    model.unload()  # take the LoRA layers out of the shared base again
-    centroid = embedder.encode(TOPICS[topic]).mean(axis=0)
-    write_centroid(folder / "centroid.safetensors", centroid / np.linalg.norm(centroid))
-    meta = ExpertMetadata(expert_id=topic, keywords=[topic], n_docs=len(TOPICS[topic]), n_tokens=1000,
-                          samples=TOPICS[topic][:1], title=f"{topic.title()} expert")
-    (folder / "moin_expert.json").write_text(json.dumps(meta.to_dict(), indent=2), encoding="utf-8")
-    return folder
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, default=4, choices=range(3, len(TOPICS) + 1),
@@ -80,36 +57,16 @@ def main() -> int:
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="moin-bench-space-"))
-    os.environ["HF_HOME"] = str(root / "hf_home")  # a fresh HF cache: first loads really download
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    use_fresh_hf_home(root)  # a fresh HF cache: first loads really download
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
-    from huggingface_hub import HfApi, constants
-
-    constants.HF_HOME = os.environ["HF_HOME"]
-    constants.HF_HUB_CACHE = str(Path(os.environ["HF_HOME"]) / "hub")
-
-    from moin_hub import init_registry, push_expert
-    from moin_hub._assets import publish_default_assets
-    from moin_hub._embed import load_embedder
     from moin_hub._hub_server import LocalHub
-    from moin_hub._loading import load_base_model
     from moin_hub._space import SpaceEngine
 
     hub = LocalHub(root / "hub").start()
     try:
-        assets = publish_default_assets(HfApi(endpoint=hub.url))
-        base_repo = assets["base_model"][0]
-        registry = init_registry("bench/space-switch", base_model=base_repo, embedder=assets["embedder"][0],
-                                 endpoint=hub.url)
-        manifest = registry.manifest
-        base, _ = load_base_model(manifest.base_model, endpoint=hub.url)
-        embedder = load_embedder(manifest.embedder, endpoint=hub.url)
         topics = list(TOPICS)[: args.experts]
-        for seed, topic in enumerate(topics):
-            folder = write_expert(root / "experts" / topic, base, embedder, topic, base_repo, seed)
-            push_expert(folder, registry="bench/space-switch", repo_id=f"bench/space-{topic}", endpoint=hub.url)
-        del base
+        base_repo, _ = publish_registry(hub.url, root, "bench/space-switch", {t: TOPICS[t] for t in topics})
 
         engine = SpaceEngine("bench/space-switch", endpoint=hub.url, cache_size=args.experts)
         t0 = time.perf_counter()
@@ -170,10 +127,7 @@ def main() -> int:
         ("first token, warm expert (route+switch+1 token)", f"{token_warm_ms:.0f} ms  "
                                                            f"(x{token_cold_ms / token_warm_ms:.1f} faster)"),
     ]
-    width = max(len(name) for name, _ in rows)
-    print(f"{'space expert switching':<{width}}  value")
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    print_table("space expert switching", rows)
     if args.json:
         args.json.write_text(json.dumps({"first_load_s": first_loads, "warm_switch_s": warm, "warm_up_s": warm_up_s,
                                          "first_token_cold_s": cold_token, "first_token_warm_s": warm_tokens,

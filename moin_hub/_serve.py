@@ -412,6 +412,7 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
     from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     config = config or ServeConfig()
     metrics = ServerMetrics()
@@ -430,9 +431,16 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
     app = FastAPI(title="moin-hub serve", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible completions routed to topic LoRA experts (MoIN).")
 
+    max_body = 4 * config.max_prompt_chars * max(1, config.max_batch_size) + 64 * 1024  # UTF-8, JSON escapes
+
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:
         open_paths = ("/health", "/metrics", "/docs", "/openapi.json")
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > max_body:
+            metrics.count_request(request.url.path, 413)
+            return JSONResponse(ApiError(413, f"The request body is over {max_body:,} bytes.",
+                                         code="request_too_large").body(), status_code=413)
         if config.api_key and request.url.path not in open_paths:
             sent = request.headers.get("authorization", "")
             if not secrets.compare_digest(sent.encode(), f"Bearer {config.api_key}".encode()):
@@ -448,6 +456,12 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
     @app.exception_handler(ApiError)
     async def on_api_error(_request: Request, err: ApiError) -> Any:
         return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(_request: Request, err: StarletteHTTPException) -> Any:  # unparsable body, 404, 405
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return JSONResponse(ApiError(err.status_code, str(err.detail)[:500], code=code).body(),
+                            status_code=err.status_code, headers=getattr(err, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_request: Request, err: RequestValidationError) -> Any:

@@ -1,0 +1,83 @@
+"""Shared set-up of the serving benchmarks: a local Hub with the real default assets, random LoRA experts.
+
+Experts here are LoRA adapters (r=8 on q_proj/v_proj) with random non-zero weights: what switching,
+loading and generating cost does not depend on training. Their centroids are the mean MiniLM embedding of
+a few topic sentences, so routing is real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def use_fresh_hf_home(root: Path) -> None:
+    """Point the HF cache at ``root/hf_home`` (before anything downloads), so first loads really download."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HOME"] = str(root / "hf_home")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    constants.HF_HOME = os.environ["HF_HOME"]
+    constants.HF_HUB_CACHE = str(Path(os.environ["HF_HOME"]) / "hub")
+
+
+def write_expert(folder: Path, base: Any, embedder: Any, expert_id: str, texts: list[str], base_repo: str,
+                 seed: int) -> Path:
+    """A valid expert folder: a random non-zero LoRA (r=8, q/v) on ``base`` and the centroid of ``texts``."""
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from moin_hub._config import ExpertMetadata
+    from moin_hub._expert import write_centroid
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    model.peft_config["default"].base_model_name_or_path = base_repo
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    model.unload()  # take the LoRA layers out of the shared base again
+    centroid = embedder.encode(texts).mean(axis=0)
+    write_centroid(folder / "centroid.safetensors", centroid / np.linalg.norm(centroid))
+    meta = ExpertMetadata(expert_id=expert_id, keywords=[expert_id], n_docs=len(texts), n_tokens=1000,
+                          samples=texts[:1], title=f"{expert_id.title()} expert")
+    (folder / "moin_expert.json").write_text(json.dumps(meta.to_dict(), indent=2), encoding="utf-8")
+    return folder
+
+
+def publish_registry(hub_url: str, root: Path, registry_id: str, topics: dict[str, list[str]]) -> tuple[str, Any]:
+    """Publish the default assets to the Hub at ``hub_url`` and push one random expert per topic.
+
+    Returns:
+        ``(base_repo, manifest)``.
+    """
+    from huggingface_hub import HfApi
+
+    from moin_hub import init_registry, push_expert
+    from moin_hub._assets import publish_default_assets
+    from moin_hub._embed import load_embedder
+    from moin_hub._loading import load_base_model
+
+    assets = publish_default_assets(HfApi(endpoint=hub_url))
+    base_repo = assets["base_model"][0]
+    registry = init_registry(registry_id, base_model=base_repo, embedder=assets["embedder"][0], endpoint=hub_url)
+    manifest = registry.manifest
+    base, _ = load_base_model(manifest.base_model, endpoint=hub_url)
+    embedder = load_embedder(manifest.embedder, endpoint=hub_url)
+    owner = registry_id.split("/")[0]
+    for seed, (topic, texts) in enumerate(topics.items()):
+        folder = write_expert(root / "experts" / topic, base, embedder, topic, texts, base_repo, seed)
+        push_expert(folder, registry=registry_id, repo_id=f"{owner}/expert-{topic}", endpoint=hub_url)
+    return base_repo, manifest
+
+
+def print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    """Two aligned columns: what was measured, and its value."""
+    width = max(len(name) for name, _ in [(title, ""), *rows])
+    print(f"{title:<{width}}  value")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")

@@ -1,0 +1,233 @@
+"""Serving many experts on one base model: mixed vs single-expert streams, warm switch vs cold load vs reload.
+
+Stated configuration: the real default base model (SmolLM2-135M-Instruct, fp32 on CPU) and embedder
+(all-MiniLM-L6-v2), published to a local Hub in a temporary folder; --experts + 4 LoRA experts (r=8 on
+q_proj/v_proj, random non-zero weights) pushed into a registry. All through moin_hub's serving engine
+(`moin_hub._engine.ExpertEngine`: one base model, an LRU of adapters) and `moin-hub serve`'s HTTP app.
+
+Measured in one run, and compared as ratios:
+
+1. Throughput of a stream of requests (greedy, --new-tokens each) over --experts cached experts, round robin,
+   vs the same stream all on one expert: (a) one request at a time through the engine; (b) --concurrency
+   clients at once through the HTTP server with the real `openai` client, where the batcher puts requests
+   for different experts into one forward batch (PEFT per-row adapters). Target: mixed >= 0.8x single.
+2. Switching: a warm switch (``set_adapter`` to a cached expert) vs a cold load (download at the pinned
+   commit + sha256 verification + ``load_adapter``, fresh HF cache) vs reloading base + adapter per request
+   (base model from the local disk cache + ``PeftModel.from_pretrained``: what a server without an
+   adapter cache does). Targets: warm >= 20x faster than cold, >= 10x faster than reload.
+
+Prints one table; exit code 1 if a target is missed. ``--json FILE`` also writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from _common import print_table, publish_registry, use_fresh_hf_home
+
+TOPICS = {
+    "cooking": ["Knead the bread dough for ten minutes until it is smooth and elastic.",
+                "Simmer the tomato sauce with garlic, basil and olive oil for half an hour."],
+    "football": ["The striker scored twice in the second half and the team won the cup final.",
+                 "The referee showed a red card after a dangerous tackle in the penalty area."],
+    "astronomy": ["The telescope observed a distant galaxy whose light left it billions of years ago.",
+                  "Astronomers measure the distance to nearby stars by their parallax."],
+    "gardening": ["Plant the tomato seedlings after the last frost and water them deeply.",
+                  "Prune the roses in late winter and mulch the beds with compost."],
+    "finance": ["The central bank raised interest rates to fight inflation.",
+                "Bond yields fell as investors moved money out of stocks."],
+    "medicine": ["The patient was given antibiotics for the bacterial infection.",
+                 "Vaccines train the immune system to recognise a virus."],
+    "music": ["The orchestra played the symphony with a new conductor.",
+              "She practised the guitar chords until her fingers hurt."],
+    "law": ["The jury returned a verdict of not guilty after two days.",
+            "The court ruled that the contract was void."],
+    "sailing": ["We trimmed the sails as the wind picked up off the coast.",
+                "The yacht rounded the buoy and headed back to the harbour."],
+    "chess": ["White sacrificed the queen to force checkmate in three moves.",
+              "The opening gambit gives up a pawn for faster development."],
+    "geology": ["The volcano erupted, sending lava down the mountain side.",
+                "Sedimentary rock forms from layers of compressed sand and mud."],
+    "birds": ["The heron waited motionless at the edge of the pond.",
+              "Swallows migrate south before the first autumn frost."],
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, default=8, choices=range(2, len(TOPICS) - 3),
+                        help="Cached experts the mixed stream cycles through (4 more are pushed for cold loads).")
+    parser.add_argument("--requests", type=int, default=32, help="Requests per stream.")
+    parser.add_argument("--new-tokens", type=int, default=16, help="Tokens generated per request.")
+    parser.add_argument("--concurrency", type=int, default=8, help="Clients at once in the HTTP streams.")
+    parser.add_argument("--switches", type=int, default=200, help="Warm switches timed.")
+    parser.add_argument("--reloads", type=int, default=3, help="Base + adapter reloads timed.")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="moin-bench-serving-"))
+    use_fresh_hf_home(root)
+
+    import torch
+
+    from moin_hub._engine import ExpertEngine
+    from moin_hub._hub_server import LocalHub
+    from moin_hub._mixing import Mixture
+    from moin_hub._serve import ServeConfig, start_server
+
+    hub = LocalHub(root / "hub").start()
+    topics = list(TOPICS)[: args.experts + 4]
+    cached, cold = topics[: args.experts], topics[args.experts:]
+    prompts = [f"{TOPICS[t][0]} Then" for t in cached]
+    results: dict[str, object] = {}
+    try:
+        base_repo, _ = publish_registry(hub.url, root, "bench/serving", {t: TOPICS[t] for t in topics})
+        engine = ExpertEngine("bench/serving", endpoint=hub.url, cache_size=args.experts + len(cold))
+        t0 = time.perf_counter()
+        engine.warm_up()
+        results["warm_up_s"] = time.perf_counter() - t0
+        for topic in cached:
+            engine.activate(topic)
+
+        # -- 1a. one request at a time through the engine
+        def engine_stream(experts: list[str]) -> float:
+            tokens = 0
+            start = time.perf_counter()
+            for i in range(args.requests):
+                ids = engine.encode(prompts[i % len(prompts)])
+                out = engine.generate_batch([ids], Mixture((experts[i % len(experts)],), (1.0,), "top1"),
+                                            max_new_tokens=[args.new_tokens])
+                tokens += len(out[0].token_ids)
+            return tokens / (time.perf_counter() - start)
+
+        engine_stream(cached[:1])  # warm the kernels
+        single_seq = statistics.median(engine_stream(cached[:1]) for _ in range(2))
+        mixed_seq = statistics.median(engine_stream(cached) for _ in range(2))
+
+        # -- 1b. concurrent clients through the HTTP server (openai client)
+        import openai
+
+        config = ServeConfig(max_batch_size=args.concurrency, batch_window_ms=10, max_tokens_limit=256)
+        with start_server(engine, config) as server:
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0, timeout=600)
+
+            def http_stream(experts: list[str]) -> tuple[float, float]:
+                tokens = [0] * args.requests
+                before = engine.stats.snapshot()
+
+                def worker(offset: int) -> None:
+                    for i in range(offset, args.requests, args.concurrency):
+                        response = client.completions.create(model=experts[i % len(experts)],
+                                                             prompt=prompts[i % len(prompts)],
+                                                             max_tokens=args.new_tokens, temperature=0)
+                        tokens[i] = response.usage.completion_tokens
+
+                start = time.perf_counter()
+                threads = [threading.Thread(target=worker, args=(c,)) for c in range(args.concurrency)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                seconds = time.perf_counter() - start
+                after = engine.stats.snapshot()
+                mean_batch = (after["batched_requests"] - before["batched_requests"]) / max(
+                    1, after["batches"] - before["batches"])
+                return sum(tokens) / seconds, mean_batch
+
+            http_stream(cached[:1])  # warm
+            single_http, single_batch = http_stream(cached[:1])
+            mixed_http, mixed_batch = http_stream(cached)
+
+        # -- 2. switching
+        a, b = cached[0], cached[1]
+        warm = []
+        for i in range(args.switches):
+            _, loaded, seconds = engine.activate(a if i % 2 else b)
+            assert not loaded
+            warm.append(seconds)
+        cold_loads = []
+        for topic in cold:
+            _, loaded, seconds = engine.activate(topic)
+            assert loaded, topic
+            cold_loads.append(seconds)
+        # the adapters really switch: the same input gives other logits under a and b
+        ids = torch.tensor([engine.encode(prompts[0])])
+        logits = {}
+        for topic in (a, b):
+            name, _, _ = engine.activate(topic)
+            with engine._using(name) as model, torch.inference_mode():
+                logits[topic] = model(input_ids=ids).logits
+        assert not torch.allclose(logits[a], logits[b]), "switching did not change the active adapter"
+
+        from peft import PeftModel
+
+        from moin_hub._loading import load_base_model
+        from moin_hub._pull import download_expert
+
+        record = engine.registry.get(a)
+        folder = download_expert(record, endpoint=hub.url)  # already in the HF cache: no download timed
+        reloads = []
+        for _ in range(args.reloads):
+            start = time.perf_counter()
+            base, _ = load_base_model(engine.base_model, endpoint=hub.url)
+            model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+            model.eval()
+            reloads.append(time.perf_counter() - start)
+            del model, base
+        adapter_mb = record.adapter_bytes / 1e6
+    finally:
+        hub.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+    warm_ms = statistics.median(warm) * 1000
+    cold_ms = statistics.median(cold_loads) * 1000
+    reload_ms = statistics.median(reloads) * 1000
+    seq_ratio, http_ratio = mixed_seq / single_seq, mixed_http / single_http
+    cold_ratio, reload_ratio = cold_ms / warm_ms, reload_ms / warm_ms
+    targets = {"mixed_engine": seq_ratio >= 0.8, "mixed_http": http_ratio >= 0.8, "cold": cold_ratio >= 20,
+               "reload": reload_ratio >= 10}
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    rows = [
+        ("configuration", f"{base_repo.split('/')[-1]} fp32 CPU ({torch.get_num_threads()} threads), "
+                          f"{args.experts} cached experts LoRA r=8 q,v ({adapter_mb:.2f} MB each), local Hub"),
+        ("stream", f"{args.requests} requests x {args.new_tokens} new tokens, greedy"),
+        ("engine, one at a time: single expert", f"{single_seq:.1f} tok/s"),
+        (f"engine, one at a time: {args.experts} experts round robin",
+         f"{mixed_seq:.1f} tok/s  (x{seq_ratio:.2f}; target >= 0.8: {met(targets['mixed_engine'])})"),
+        (f"HTTP, {args.concurrency} clients: single expert", f"{single_http:.1f} tok/s  "
+                                                             f"(mean batch {single_batch:.1f})"),
+        (f"HTTP, {args.concurrency} clients: {args.experts} experts round robin",
+         f"{mixed_http:.1f} tok/s  (mean batch {mixed_batch:.1f}; x{http_ratio:.2f}; "
+         f"target >= 0.8: {met(targets['mixed_http'])})"),
+        ("warm switch (set_adapter, cached)", f"{warm_ms:.3f} ms  (median of {len(warm)})"),
+        ("cold load (download + verify + load_adapter)",
+         f"{cold_ms:.1f} ms  (median of {len(cold_loads)}; x{cold_ratio:.0f} the warm switch; target >= 20: "
+         f"{met(targets['cold'])})"),
+        ("reload base + adapter per request (from disk)",
+         f"{reload_ms:.1f} ms  (median of {len(reloads)}; x{reload_ratio:.0f} the warm switch; target >= 10: "
+         f"{met(targets['reload'])})"),
+    ]
+    print_table("serving many experts", rows)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "single_engine_tok_s": single_seq, "mixed_engine_tok_s": mixed_seq, "single_http_tok_s": single_http,
+            "mixed_http_tok_s": mixed_http, "mean_batch_single": single_batch, "mean_batch_mixed": mixed_batch,
+            "warm_switch_s": warm, "cold_load_s": cold_loads, "reload_s": reloads, **results}, indent=2))
+    return 0 if all(targets.values()) else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
