@@ -381,19 +381,61 @@ def _empty_mode() -> dict[str, Any]:
     return {"nll": 0.0, "tokens": 0, "experts": 0, "texts": 0, "base_only": 0, "mixtures": set()}
 
 
+def texts_nll(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *, seq_len: int = 256,
+              batch_size: int = 8, bf16: BF16 = "auto") -> tuple[float, int]:
+    """Summed next-token NLL of each text on its own (its tokens and EOS, the first ``seq_len`` of them).
+
+    Unlike :func:`build_blocks`, no text is dropped or joined to another: the same texts give the same
+    predicted tokens whatever they are grouped with, so scores of different groupings compare exactly.
+
+    Returns:
+        ``(sum_nll, n_tokens)``.
+    """
+    encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+    rows = [(ids + [tokenizer.eos_token_id])[:seq_len] for ids in encoded]
+    rows = [ids for ids in rows if len(ids) >= 2]
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    total, n_tokens = 0.0, 0
+    try:
+        with torch.inference_mode(), autocast(device, resolve_bf16(bf16, device)):
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                width = max(len(ids) for ids in chunk)
+                batch = torch.zeros((len(chunk), width), dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for i, ids in enumerate(chunk):  # right padding: positions after a text are masked out
+                    batch[i, :len(ids)] = torch.tensor(ids)
+                    mask[i, :len(ids)] = 1
+                logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits
+                for row, ids in zip(logits, chunk, strict=False):
+                    target = torch.tensor(ids[1:], device=device)
+                    total += F.cross_entropy(row[: len(ids) - 1].float(), target, reduction="sum").item()
+                    n_tokens += len(ids) - 1
+    finally:
+        model.train(was_training)
+    return total, n_tokens
+
+
+#: The pseudo-mode scored with the modes: every text on the base model, on the same tokens.
+BASE_MODE = "base"
+
+
 def _modes_nll(model: Any, tokenizer: Any, eval_sets: Mapping[str, Sequence[str]],
                ranked: Mapping[str, Sequence[Candidates]], modes: Sequence[str], mixing: dict[str, Any],
                kw: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     """``{topic: {mode: stats}}``: summed NLL and tokens, experts summed over texts, texts, texts on the base,
-    and the distinct mixtures. Every (mode, topic) group of texts with the same rounded mixture is cut into
-    blocks on its own; each distinct mixture is made active once for all the groups that use it."""
+    and the distinct mixtures; plus :data:`BASE_MODE`, every text on the base model. Each text is scored on
+    its own first ``seq_len`` tokens (:func:`texts_nll`), so every mode scores exactly the same tokens; each
+    distinct mixture is made active once for all the texts that use it."""
     plans: dict[MixKey, dict[tuple[str, str], list[str]]] = {}
     stats: dict[str, dict[str, dict[str, Any]]] = {}
-    for mode in modes:
+    for mode in (*modes, BASE_MODE):
         for topic, per_text in ranked.items():
             st = stats.setdefault(topic, {}).setdefault(mode, _empty_mode())
             for text, candidates in zip(eval_sets[topic], per_text, strict=True):
-                key = text_mixture(candidates, mode, **mixing)
+                key = () if mode == BASE_MODE else text_mixture(candidates, mode, **mixing)
                 plans.setdefault(key, {}).setdefault((mode, topic), []).append(text)
                 st["experts"] += len(key)
                 st["texts"] += 1
@@ -402,8 +444,8 @@ def _modes_nll(model: Any, tokenizer: Any, eval_sets: Mapping[str, Sequence[str]
     for key, groups in plans.items():
         with _mixed(model, key):
             for (mode, topic), texts in groups.items():
-                nll, n_tokens = blocks_nll(model, build_blocks(tokenizer, texts, kw["seq_len"]),
-                                           batch_size=kw["batch_size"], bf16=kw["bf16"])
+                nll, n_tokens = texts_nll(model, tokenizer, texts, seq_len=kw["seq_len"],
+                                          batch_size=kw["batch_size"], bf16=kw["bf16"])
                 stats[topic][mode]["nll"] += nll
                 stats[topic][mode]["tokens"] += n_tokens
     return stats
@@ -508,7 +550,8 @@ def evaluate_experts(base_model: torch.nn.Module, tokenizer: Any, expert_dirs: M
         Per topic, ``routed_to_own`` is the fraction of texts routed to the topic's own expert.
         ``scores["modes"]`` is ``{mode: {"ppl", "tokens", "mean_experts", "base_only", "mixtures"}}`` (empty
         without ``ranked``): the perplexity when each text gets its mode's mixture (weights rounded to
-        :data:`MIX_DECIMALS` decimals, texts grouped by mixture before cutting blocks), the mean number of
+        :data:`MIX_DECIMALS` decimals; each text scored on its own first ``seq_len`` tokens, so every mode,
+        and the extra entry ``"base"`` (the base model), scores the same tokens), the mean number of
         experts per text, the fraction of texts left to the base (``threshold``), and the distinct mixtures.
         ``overall`` pools the NLL of all topics (token-weighted), each kind over the topics it was measured on;
         ``mixing`` records the modes and parameters (``None`` without ``ranked``).

@@ -75,16 +75,17 @@ def test_cluster_train_evaluate_push_route(hub, tmp_path):
         assert Path(plot).read_bytes()[:8] == PNG_MAGIC
     assert json.loads((work / "report.json").read_text()) == report
     modes = report["perplexity"]["overall"]["modes"]
-    assert list(modes) == ["top1", "topk", "adaptive"] and report["perplexity"]["mixing"]["k"] == 3
-    assert modes["top1"]["ppl"] == pytest.approx(report["perplexity"]["overall"]["routed_ppl"], rel=1e-9)
+    assert list(modes) == ["top1", "topk", "adaptive", "base"] and report["perplexity"]["mixing"]["k"] == 3
+    assert len({m["tokens"] for m in modes.values()}) == 1  # every mode scores the same tokens
     assert modes["top1"]["mean_experts"] == 1 and modes["topk"]["mean_experts"] >= modes["adaptive"]["mean_experts"]
     assert 1 <= modes["adaptive"]["mean_experts"] <= 3 and all(m["tokens"] > 0 for m in modes.values())
     assert all(list(s["modes"]) == list(modes) for s in topics.values())
     text = format_report(report).splitlines()
-    assert [line.split()[1] for line in text if line.startswith("Mode ")] == ["top1", "topk", "adaptive"]
+    assert [line.split()[1] for line in text if line.startswith("Mode ")] == ["top1", "topk", "adaptive", "base"]
     only = run_json("evaluate", str(work), "--seq-len", "16", "--modes", "topk,top1", "-k", "1", "--no-plots",
                     *hubopts)["perplexity"]["overall"]["modes"]
-    assert list(only) == ["topk", "top1"] and only["topk"]["ppl"] == only["top1"]["ppl"] == modes["top1"]["ppl"]
+    assert list(only) == ["topk", "top1", "base"]
+    assert only["topk"]["ppl"] == only["top1"]["ppl"] == modes["top1"]["ppl"]
 
     registry_id = "test-org/pipeline-registry"
     pushed = run_json("push-all", str(work), "--registry", registry_id, "--namespace", "test-org", *hubopts)

@@ -208,9 +208,10 @@ def evaluate_command(workdir: Path, seq_len: int, max_docs_per_topic: int | None
 def format_modes(report: dict[str, Any]) -> list[str]:
     """One line per routing mode of the report's overall scores (none if no mode was scored)."""
     overall = report["perplexity"]["overall"]
-    base = overall.get("base_ppl")
+    modes = overall.get("modes", {})
+    base = (modes.get("base") or {}).get("ppl")  # the base model on the same tokens as the modes
     lines = []
-    for mode, m in overall.get("modes", {}).items():
+    for mode, m in modes.items():
         vs_base = f" (x{m['ppl'] / base:.3f} of base)" if m["ppl"] and base else ""
         extra = f", {m['base_only']:.0%} to the base" if m.get("base_only") else ""
         lines.append(f"Mode {mode:<9} ppl {_fmt(m['ppl'])}{vs_base}  {_fmt(m['mean_experts'])} experts/document, "
