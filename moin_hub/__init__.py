@@ -5,6 +5,7 @@ Public API (everything else is private and may change):
 - :class:`Registry` / :func:`init_registry`: the registry dataset that indexes experts.
 - :func:`push_expert`: push one expert folder as its own model repo and register it.
 - :class:`Router` / :func:`pull` / :func:`load_expert`: route a query, download and load its expert.
+- :class:`ExpertEngine`: serve many experts on one base model (adapter cache, mixtures, batched generation).
 - :class:`LocalHub`: a Hub-compatible server on loopback for offline work and tests.
 - :mod:`moin_hub.errors`: the typed errors all of these raise.
 
@@ -21,6 +22,7 @@ from ._version import __version__
 
 __all__ = [
     "EmbedderSpec",
+    "ExpertEngine",
     "ExpertMetadata",
     "ExpertRecord",
     "LocalHub",
@@ -42,6 +44,7 @@ __all__ = [
 # name -> private module that defines it; imported lazily on first attribute access.
 _LAZY = {
     "EmbedderSpec": "._config",
+    "ExpertEngine": "._engine",
     "ExpertMetadata": "._config",
     "ExpertRecord": "._config",
     "PinnedModel": "._config",
@@ -60,6 +63,7 @@ _LAZY = {
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._config import EmbedderSpec, ExpertMetadata, ExpertRecord, PinnedModel, RegistryManifest
+    from ._engine import ExpertEngine
     from ._hub_server import LocalHub
     from ._loading import load_expert
     from ._pull import PullResult, pull
