@@ -12,6 +12,34 @@ import os
 from pathlib import Path
 from typing import Any
 
+#: A few sentences per topic: the experts' centroids (mean MiniLM embedding) and the benchmarks' prompts.
+TOPICS = {
+    "cooking": ["Knead the bread dough for ten minutes until it is smooth and elastic.",
+                "Simmer the tomato sauce with garlic, basil and olive oil for half an hour."],
+    "football": ["The striker scored twice in the second half and the team won the cup final.",
+                 "The referee showed a red card after a dangerous tackle in the penalty area."],
+    "astronomy": ["The telescope observed a distant galaxy whose light left it billions of years ago.",
+                  "Astronomers measure the distance to nearby stars by their parallax."],
+    "gardening": ["Plant the tomato seedlings after the last frost and water them deeply.",
+                  "Prune the roses in late winter and mulch the beds with compost."],
+    "finance": ["The central bank raised interest rates to fight inflation.",
+                "Bond yields fell as investors moved money out of stocks."],
+    "medicine": ["The patient was given antibiotics for the bacterial infection.",
+                 "Vaccines train the immune system to recognise a virus."],
+    "music": ["The orchestra played the symphony with a new conductor.",
+              "She practised the guitar chords until her fingers hurt."],
+    "law": ["The jury returned a verdict of not guilty after two days.",
+            "The court ruled that the contract was void."],
+    "sailing": ["We trimmed the sails as the wind picked up off the coast.",
+                "The yacht rounded the buoy and headed back to the harbour."],
+    "chess": ["White sacrificed the queen to force checkmate in three moves.",
+              "The opening gambit gives up a pawn for faster development."],
+    "geology": ["The volcano erupted, sending lava down the mountain side.",
+                "Sedimentary rock forms from layers of compressed sand and mud."],
+    "birds": ["The heron waited motionless at the edge of the pond.",
+              "Swallows migrate south before the first autumn frost."],
+}
+
 
 def use_fresh_hf_home(root: Path) -> None:
     """Point the HF cache at ``root/hf_home`` (before anything downloads), so first loads really download."""
@@ -19,6 +47,9 @@ def use_fresh_hf_home(root: Path) -> None:
 
     os.environ["HF_HOME"] = str(root / "hf_home")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars at every base model load
     constants.HF_HOME = os.environ["HF_HOME"]
     constants.HF_HUB_CACHE = str(Path(os.environ["HF_HOME"]) / "hub")
 
@@ -73,6 +104,19 @@ def publish_registry(hub_url: str, root: Path, registry_id: str, topics: dict[st
         folder = write_expert(root / "experts" / topic, base, embedder, topic, texts, base_repo, seed)
         push_expert(folder, registry=registry_id, repo_id=f"{owner}/expert-{topic}", endpoint=hub_url)
     return base_repo, manifest
+
+
+def check_switching(engine: Any, a: str, b: str, text: str) -> None:
+    """Fail unless switching between experts ``a`` and ``b`` changes the logits of ``text`` (a real switch)."""
+    import torch
+
+    ids = torch.tensor([engine.encode(text)])
+    logits = {}
+    for topic in (a, b):
+        name, _, _ = engine.activate(topic)
+        with engine._using(name) as model, torch.inference_mode():
+            logits[topic] = model(input_ids=ids).logits
+    assert not torch.allclose(logits[a], logits[b]), "switching did not change the active adapter"
 
 
 def print_table(title: str, rows: list[tuple[str, str]]) -> None:

@@ -32,34 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import print_table, publish_registry, use_fresh_hf_home
-
-TOPICS = {
-    "cooking": ["Knead the bread dough for ten minutes until it is smooth and elastic.",
-                "Simmer the tomato sauce with garlic, basil and olive oil for half an hour."],
-    "football": ["The striker scored twice in the second half and the team won the cup final.",
-                 "The referee showed a red card after a dangerous tackle in the penalty area."],
-    "astronomy": ["The telescope observed a distant galaxy whose light left it billions of years ago.",
-                  "Astronomers measure the distance to nearby stars by their parallax."],
-    "gardening": ["Plant the tomato seedlings after the last frost and water them deeply.",
-                  "Prune the roses in late winter and mulch the beds with compost."],
-    "finance": ["The central bank raised interest rates to fight inflation.",
-                "Bond yields fell as investors moved money out of stocks."],
-    "medicine": ["The patient was given antibiotics for the bacterial infection.",
-                 "Vaccines train the immune system to recognise a virus."],
-    "music": ["The orchestra played the symphony with a new conductor.",
-              "She practised the guitar chords until her fingers hurt."],
-    "law": ["The jury returned a verdict of not guilty after two days.",
-            "The court ruled that the contract was void."],
-    "sailing": ["We trimmed the sails as the wind picked up off the coast.",
-                "The yacht rounded the buoy and headed back to the harbour."],
-    "chess": ["White sacrificed the queen to force checkmate in three moves.",
-              "The opening gambit gives up a pawn for faster development."],
-    "geology": ["The volcano erupted, sending lava down the mountain side.",
-                "Sedimentary rock forms from layers of compressed sand and mud."],
-    "birds": ["The heron waited motionless at the edge of the pond.",
-              "Swallows migrate south before the first autumn frost."],
-}
+from _common import TOPICS, check_switching, print_table, publish_registry, use_fresh_hf_home
 
 
 def main() -> int:
@@ -159,14 +132,7 @@ def main() -> int:
             _, loaded, seconds = engine.activate(topic)
             assert loaded, topic
             cold_loads.append(seconds)
-        # the adapters really switch: the same input gives other logits under a and b
-        ids = torch.tensor([engine.encode(prompts[0])])
-        logits = {}
-        for topic in (a, b):
-            name, _, _ = engine.activate(topic)
-            with engine._using(name) as model, torch.inference_mode():
-                logits[topic] = model(input_ids=ids).logits
-        assert not torch.allclose(logits[a], logits[b]), "switching did not change the active adapter"
+        check_switching(engine, a, b, prompts[0])
 
         from peft import PeftModel
 

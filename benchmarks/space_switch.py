@@ -28,18 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import print_table, publish_registry, use_fresh_hf_home
+from _common import TOPICS, check_switching, print_table, publish_registry, use_fresh_hf_home
 
-TOPICS = {
-    "cooking": ["Knead the bread dough for ten minutes until it is smooth and elastic.",
-                "Simmer the tomato sauce with garlic, basil and olive oil for half an hour."],
-    "football": ["The striker scored twice in the second half and the team won the cup final.",
-                 "The referee showed a red card after a dangerous tackle in the penalty area."],
-    "astronomy": ["The telescope observed a distant galaxy whose light left it billions of years ago.",
-                  "Astronomers measure the distance to nearby stars by their parallax."],
-    "gardening": ["Plant the tomato seedlings after the last frost and water them deeply.",
-                  "Prune the roses in late winter and mulch the beds with compost."],
-}
 QUERIES = {
     "cooking": "How long should bread dough rise before baking?",
     "football": "Who scored the winning goal in the cup final?",
@@ -50,7 +40,7 @@ QUERIES = {
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experts", type=int, default=4, choices=range(3, len(TOPICS) + 1),
+    parser.add_argument("--experts", type=int, default=4, choices=range(3, len(QUERIES) + 1),
                         help="Experts pushed (the first two are switched between, the last one is cold).")
     parser.add_argument("--switches", type=int, default=200, help="Warm switches timed.")
     parser.add_argument("--json", type=Path, default=None)
@@ -65,7 +55,7 @@ def main() -> int:
 
     hub = LocalHub(root / "hub").start()
     try:
-        topics = list(TOPICS)[: args.experts]
+        topics = list(QUERIES)[: args.experts]
         base_repo, _ = publish_registry(hub.url, root, "bench/space-switch", {t: TOPICS[t] for t in topics})
 
         engine = SpaceEngine("bench/space-switch", endpoint=hub.url, cache_size=args.experts)
@@ -85,16 +75,7 @@ def main() -> int:
             assert not loaded
             warm.append(seconds)
 
-        # the adapters really switch: the same input gives other logits under a and b
-        import torch
-
-        ids = engine.tokenizer(QUERIES[a], return_tensors="pt")["input_ids"]
-        logits = {}
-        for topic in (a, b):
-            name, _, _ = engine.activate(topic)
-            with engine._using(name) as model, torch.inference_mode():
-                logits[topic] = model(input_ids=ids).logits
-        assert not torch.allclose(logits[a], logits[b]), "switching did not change the active adapter"
+        check_switching(engine, a, b, QUERIES[a])
 
         def first_token(topic: str) -> float:
             start = time.perf_counter()

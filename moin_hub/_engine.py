@@ -668,10 +668,13 @@ class ExpertEngine:
         """The model and the forward kwargs for a batch whose rows may use different experts.
 
         Rows that share one mixture run with it active. Rows of different single experts (or the base model)
-        run in ONE batch with PEFT's per-row ``adapter_names`` ("__base__" for the base model): the base
-        weights are shared and each LoRA update applies to its own rows. Mixtures of several experts cannot
-        be mixed with other rows.
+        run in ONE batch: the base model's matmuls are shared, and each row gets its own expert's LoRA update
+        through gathered batched matmuls (:func:`moin_hub._lora_batch.per_row_lora`), or, for adapters that
+        are not plain linear LoRA, PEFT's per-row ``adapter_names``. Mixtures of several experts cannot be
+        mixed with other rows.
         """
+        from ._lora_batch import per_row_lora, supports
+
         keys = {(m.experts, tuple(round(w, 6) for w in m.weights)) for m in mixtures}
         if len(keys) == 1:
             with self.using_mixture(mixtures[0]) as model:
@@ -682,9 +685,13 @@ class ExpertEngine:
         experts = sorted({m.experts[0] for m in mixtures if m.experts})
         with self.hold(experts) as slots, self._lock:
             names = dict(zip(experts, (s.name for s in slots), strict=True))
+            rows = [names[m.experts[0]] if m.experts else None for m in mixtures]
+            if supports(self._peft, list(names.values())):
+                with per_row_lora(self._peft, rows) as model:
+                    yield model, {}
+                return
             self._peft.set_adapter(slots[0].name, inference_mode=True)  # any: adapter_names decides per row
-            yield self._peft, {"adapter_names": [names[m.experts[0]] if m.experts else "__base__"
-                                                 for m in mixtures]}
+            yield self._peft, {"adapter_names": [r if r is not None else "__base__" for r in rows]}
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], mixture: Mixture | Sequence[Mixture], *,
                        max_new_tokens: Sequence[int], temperature: float = 0.0, top_p: float = 1.0,
@@ -694,8 +701,8 @@ class ExpertEngine:
         Args:
             prompts: token ids of each prompt (left-padded together).
             mixture: the experts (and weights) of the whole batch, or one :class:`Mixture` per prompt. Rows may
-                use different single experts or the base model (empty mixture) in one batch; a mixture of
-                several experts is shared by every row of its batch.
+                use different single experts or the base model (empty mixture) in one batch (gathered LoRA
+                matmuls per row); a mixture of several experts is shared by every row of its batch.
             max_new_tokens: per prompt; the batch runs to the largest and each output is cut to its own.
             temperature: 0 decodes greedily; above 0 samples (with ``top_p``).
             stop: per prompt, strings that end its text (cut before the first one; ``finish_reason`` "stop").

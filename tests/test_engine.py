@@ -161,3 +161,38 @@ def test_a_mixture_is_built_once_and_dropped_on_eviction(engine):
     assert mixed.token_ids != single.token_ids
     engine.activate("astronomy")  # evicts an expert of the mixture: the mixture's copy goes too
     assert "moin__mixture" not in engine._peft.peft_config
+
+
+def test_per_row_lora_matches_peft_adapter_names(tiny_base, embedder, tmp_path):
+    """The gathered-bmm path gives PEFT's own per-row results, with experts of different ranks and a base row."""
+    import torch
+    from peft import PeftModel
+
+    from moin_hub._evaluate import load_base
+    from moin_hub._lora_batch import per_row_lora, supports
+    from tests import _helpers
+    from tests.conftest import BASE_REPO
+
+    folders = {topic: _helpers.write_expert(tmp_path / topic, tiny_base, embedder, topic, base_repo=BASE_REPO,
+                                            rank=rank, seed=seed)
+               for seed, (topic, rank) in enumerate([("cooking", 4), ("football", 8)])}
+    base, tokenizer = load_base(tiny_base)
+    model = PeftModel.from_pretrained(base, str(folders["cooking"]), adapter_name="cooking")
+    model.load_adapter(str(folders["football"]), adapter_name="football")
+    model.eval()
+    rows = ["football", None, "cooking", "football"]
+    ids = torch.tensor([tokenizer(QUERIES[t], add_special_tokens=True)["input_ids"][:10]
+                        for t in ("football", "cooking", "cooking", "astronomy")])
+    assert supports(model, ["cooking", "football"])
+    with torch.inference_mode():
+        reference = model(input_ids=ids, adapter_names=[r or "__base__" for r in rows]).logits
+        with per_row_lora(model, rows) as m:
+            gathered = m(input_ids=ids).logits
+        with model.disable_adapter():
+            plain = model(input_ids=ids).logits
+        after = model(input_ids=ids, adapter_names=[r or "__base__" for r in rows]).logits
+    assert torch.allclose(gathered, reference, atol=1e-5)
+    assert torch.equal(gathered[1], plain[1]) and not torch.allclose(gathered[0], plain[0], atol=1e-3)
+    assert torch.equal(after, reference)  # the hooks are gone
+    with pytest.raises(ValueError, match="not loaded"), per_row_lora(model, ["nope"]):
+        pass

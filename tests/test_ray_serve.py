@@ -12,7 +12,6 @@ import gc
 import http.client
 import json
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -28,7 +27,7 @@ from huggingface_hub import constants
 from moin_hub import init_registry, push_expert
 from moin_hub._expert import write_centroid
 from tests import _helpers
-from tests._helpers import QUERIES
+from tests._helpers import QUERIES, free_port
 from tests.conftest import BASE_REPO, EMBEDDER_REPO
 
 pytestmark = pytest.mark.e2e
@@ -54,12 +53,6 @@ EXTRAS = {
 }
 MAX_EXPERTS = 2  # per replica
 ROUTING_SETTLE_S = 0.5  # replicas push the experts they hold every 0.1 s; handles learn it by long poll
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

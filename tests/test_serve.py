@@ -16,7 +16,7 @@ from huggingface_hub import constants
 from moin_hub._engine import ExpertEngine
 from moin_hub._mixing import Mixture
 from moin_hub._serve import ExpertBatcher, Job, ServeConfig, next_batch, start_server
-from tests._helpers import QUERIES, TOPICS
+from tests._helpers import QUERIES, TOPICS, free_port
 from tests.reliability._tools import raw_request
 
 openai = pytest.importorskip("openai")
@@ -263,16 +263,13 @@ def test_byte_sizes_parse():
 
 @pytest.mark.e2e
 def test_moin_hub_serve_runs_as_a_command(hub, topic_registry, tmp_path):
-    import socket
     import subprocess
     import sys
     import time
 
     from tests.reliability._tools import subprocess_env
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     key = "sk-cli-" + uuid.uuid4().hex
     env = subprocess_env(hub.url, tmp_path / "home", MOIN_API_KEY=key)
     proc = subprocess.Popen([sys.executable, "-m", "moin_hub", "serve", "--registry", topic_registry, "--port",

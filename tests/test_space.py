@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from moin_hub import errors, push_expert
 from moin_hub._config import ADAPTER_WEIGHTS_FILENAME
 from moin_hub._engine import AdapterCache, AdapterSlot, parse_base_model, plan_evictions
 from moin_hub._space import SpaceEngine, centroid_map, check_text, next_token
-from tests._helpers import QUERIES, TOPICS
+from tests._helpers import QUERIES, TOPICS, free_port
 from tests.conftest import BASE_REPO
 
 pytest.importorskip("gradio")
@@ -35,12 +34,6 @@ gradio_client = pytest.importorskip("gradio_client")
 ROOT = Path(__file__).resolve().parent.parent
 SPACE_DIR = ROOT / "spaces" / "moin-router"
 OFF_TOPIC = "How do I fix a segfault in my C++ code?"  # similarity < 0.05 to every test topic
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
