@@ -230,6 +230,39 @@ class Plan:
         return {**self.route.to_dict(), "mixture": self.mixture.to_dict(), "route_ms": round(self.route_ms, 3)}
 
 
+def _streaming_kwargs(on_token: Callable[[int], None] | None, cancel: threading.Event | None) -> dict[str, Any]:
+    """``generate`` kwargs that call ``on_token`` per new token and stop once ``cancel`` is set."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    kwargs: dict[str, Any] = {}
+    if on_token is not None:
+        class TokenStreamer(BaseStreamer):
+            prompt_seen = False
+
+            def put(self, value: Any) -> None:
+                if not self.prompt_seen:  # generate's first put is the prompt
+                    self.prompt_seen = True
+                    return
+                for token in value.reshape(-1).tolist():
+                    on_token(int(token))
+
+            def end(self) -> None:
+                pass
+
+        kwargs["streamer"] = TokenStreamer()
+    if cancel is not None:
+        import torch
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool,
+                                  device=input_ids.device)
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([Cancelled()])
+    return kwargs
+
+
 def parse_base_model(value: str) -> tuple[str, str | None]:
     """``"org/name@rev"`` -> ``("org/name", "rev")``; ``"org/name"`` -> ``("org/name", None)``."""
     repo_id, _, revision = value.strip().partition("@")
@@ -695,7 +728,9 @@ class ExpertEngine:
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], mixture: Mixture | Sequence[Mixture], *,
                        max_new_tokens: Sequence[int], temperature: float = 0.0, top_p: float = 1.0,
-                       stop: Sequence[Sequence[str]] | None = None, seed: int | None = None) -> list[Completion]:
+                       stop: Sequence[Sequence[str]] | None = None, seed: int | None = None,
+                       on_token: Callable[[int], None] | None = None,
+                       cancel: threading.Event | None = None) -> list[Completion]:
         """Generate for a batch of prompts in one padded forward batch on the one base model.
 
         Args:
@@ -707,12 +742,16 @@ class ExpertEngine:
             temperature: 0 decodes greedily; above 0 samples (with ``top_p``).
             stop: per prompt, strings that end its text (cut before the first one; ``finish_reason`` "stop").
             seed: seeds torch's generator for sampling (reproducible outputs).
+            on_token: called with each new token id as it is generated (one prompt only: streaming).
+            cancel: when set, generation stops after the current token (a stop string seen while streaming,
+                or a client gone).
 
         Returns:
             One :class:`Completion` per prompt, in order.
 
         Raises:
-            ValueError: lengths differ, or rows mix different multi-expert mixtures.
+            ValueError: lengths differ, rows mix different multi-expert mixtures, or ``on_token`` with
+                several prompts.
         """
         import torch
 
@@ -721,7 +760,10 @@ class ExpertEngine:
         mixtures = [mixture] * len(prompts) if isinstance(mixture, Mixture) else list(mixture)
         if len(max_new_tokens) != len(prompts) or len(mixtures) != len(prompts):
             raise ValueError("max_new_tokens and mixtures need one value per prompt.")
+        if on_token is not None and len(prompts) != 1:
+            raise ValueError("on_token streams one prompt; got a batch of several.")
         stop = stop or [()] * len(prompts)
+        extra_kwargs = _streaming_kwargs(on_token, cancel)
         model, tokenizer = self._load_base()
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -740,7 +782,8 @@ class ExpertEngine:
             if seed is not None:
                 torch.manual_seed(seed)
             out = active.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                  max_new_tokens=n_new, pad_token_id=pad, eos_token_id=eos, **sampling, **extra)
+                                  max_new_tokens=n_new, pad_token_id=pad, eos_token_id=eos, **sampling, **extra,
+                                  **extra_kwargs)
         seconds = time.perf_counter() - start
         results = []
         for row, (limit, stops) in enumerate(zip(max_new_tokens, stop, strict=True)):

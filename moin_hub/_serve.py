@@ -6,7 +6,8 @@ Endpoints (JSON; errors as OpenAI's ``{"error": {"message", "type", "param", "co
   ``model`` field chooses the expert: ``moin:auto`` routes by the prompt's content with the server's mode,
   ``moin:top1`` / ``moin:topk`` / ``moin:adaptive`` route with that mode, ``moin:base`` uses no expert, and an
   expert id or repo id forces that expert. Each response carries a ``moin`` object: the experts used, their
-  weights and similarities, the registry commit.
+  weights and similarities, the registry commit. ``stream: true`` answers with server-sent events as OpenAI
+  does (stop strings honoured across chunks; a client that leaves stops its generation).
 - ``POST /v1/route``: routing only (no generation).
 - ``GET /v1/experts``: what is registered and what is loaded (so a front router can send requests where
   their expert already lives); ``GET /v1/models``: the model names above, OpenAI style.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import math
 import secrets
@@ -36,7 +38,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._engine import Completion, ExpertEngine
+from ._engine import Completion, ExpertEngine, truncate_at_stop
 from ._mixing import MODES, Mixture
 from ._version import __version__
 from .errors import (
@@ -114,13 +116,17 @@ class Job:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    on_token: Callable[[int], None] | None = None
+    cancel: threading.Event | None = None
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
     def batch_key(self) -> tuple:
         """Jobs with equal keys run in one batch: the same sampling, and either one expert (or none) each, in
-        any mix (per-row adapters), or the same mixture of several experts."""
+        any mix (per-row adapters), or the same mixture of several experts. A streamed job runs alone."""
+        if self.on_token is not None:
+            return ("stream", id(self))
         if len(self.mixture.experts) > 1:
             mixture: Any = tuple(zip(self.mixture.experts, (round(w, 6) for w in self.mixture.weights),
                                      strict=True))
@@ -216,7 +222,8 @@ class ExpertBatcher:
             outputs = self.engine.generate_batch(
                 [j.prompt_ids for j in batch], [j.mixture for j in batch],
                 max_new_tokens=[j.max_new_tokens for j in batch],
-                temperature=first.temperature, top_p=first.top_p, stop=[j.stop for j in batch], seed=first.seed)
+                temperature=first.temperature, top_p=first.top_p, stop=[j.stop for j in batch], seed=first.seed,
+                on_token=first.on_token, cancel=first.cancel)
         except BaseException as err:  # every waiting request must get an answer
             for job in batch:
                 job.future.set_exception(err)
@@ -340,23 +347,46 @@ class Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
 
+
 class CompletionRequest(Sampling):
+    """``POST /v1/completions``."""
+
     prompt: str | list[str]
 
+
 class ChatMessage(BaseModel):
+    """One message of a chat; ``content`` is a string or OpenAI's list of parts."""
+
     model_config = ConfigDict(extra="allow")
     role: str
     content: Any = ""
 
+
 class ChatRequest(Sampling):
+    """``POST /v1/chat/completions``."""
+
     messages: list[ChatMessage] = Field(min_length=1)
 
+
 class RouteRequest(BaseModel):
+    """``POST /v1/route``."""
+
     input: str | list[str]
     mode: str | None = None
     k: int | None = Field(default=None, ge=1, le=64)
     threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
 
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many characters at the end of streamed ``text`` to hold back: a tail that may begin a stop string,
+    or an incomplete character (the tokenizer decodes half a UTF-8 sequence as U+FFFD).
+
+    Example:
+        >>> held_back("The end. Then", ["Then we"]), held_back("caf\ufffd", [])
+        (4, 1)
+    """
+    hold = max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+    return max(hold, 1 if text.endswith("\ufffd") else 0)
 
 
 class ApiError(Exception):
@@ -410,7 +440,7 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -479,9 +509,6 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
         app.add_exception_handler(kind, on_known)
 
     def check_sampling(req: Sampling) -> tuple[int, tuple[str, ...]]:
-        if req.stream:
-            raise ApiError(400, "Streaming is not supported; send stream=false.", param="stream",
-                           code="unsupported")
         if req.n != 1:
             raise ApiError(400, "Only n=1 is supported.", param="n", code="unsupported")
         max_tokens = req.max_completion_tokens or req.max_tokens or 16
@@ -539,6 +566,74 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
         completion = sum(len(o.token_ids) for o in outputs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+    def stream(kind: str, req: Sampling, mixture: Mixture, moin: dict[str, Any], prompt_ids: list[int],
+               max_tokens: int, stops: tuple[str, ...]) -> Any:
+        """Server-sent events as OpenAI streams them: chunks of new text, a last chunk with the finish reason,
+        then ``[DONE]``. Stop strings are honoured across chunks; a client that goes away stops generation."""
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def push(token: int | None) -> None:
+            loop.call_soon_threadsafe(tokens.put_nowait, token)
+
+        for expert in mixture.experts or ("base",):
+            metrics.count_expert(expert)
+        job = Job(mixture, prompt_ids, max_tokens, req.temperature, req.top_p, (), req.seed, on_token=push,
+                  cancel=cancel)
+        future = state["batcher"].submit(job)
+        future.add_done_callback(lambda _: push(None))
+        ident, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        tokenizer = engine.tokenizer
+
+        def chunk(text: str, finish: str | None, *, first: bool = False) -> str:
+            if kind == "chat":
+                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            body = {"id": ident, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                    "created": created, "model": req.model, "choices": [choice]}
+            if first:
+                body["moin"] = moin
+            return f"data: {json.dumps(body)}\n\n"
+
+        async def events() -> Any:
+            new_ids: list[int] = []
+            sent, finish = "", None
+            try:
+                yield chunk("", None, first=True)
+                while (token := await tokens.get()) is not None:
+                    if token == tokenizer.eos_token_id:
+                        continue
+                    new_ids.append(token)
+                    text, stopped = truncate_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True), stops)
+                    safe = text if stopped else text[: len(text) - held_back(text, stops)]
+                    if len(safe) > len(sent):
+                        yield chunk(safe[len(sent):], None)
+                        sent = safe
+                    if stopped:
+                        cancel.set()
+                        finish = "stop"
+                        break
+                if finish is None:
+                    try:
+                        result = await asyncio.wrap_future(future)
+                    except Exception as err:  # noqa: BLE001 - the stream has begun: the error is its last event
+                        yield f"data: {json.dumps(api_error(err).body())}\n\n"
+                        return
+                    final, stopped = truncate_at_stop(result.text, stops)
+                    if len(final) > len(sent):
+                        yield chunk(final[len(sent):], None)
+                    finish = "stop" if stopped else result.finish_reason
+                yield chunk("", finish)
+                yield "data: [DONE]\n\n"
+            finally:
+                cancel.set()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Any:
         max_tokens, stop = check_sampling(req)
@@ -547,6 +642,12 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
             raise ApiError(400, f"Send 1 to {config.max_batch_size * 4} prompts.", param="prompt")
         for prompt in prompts:
             check_length(prompt, "prompt")
+        if req.stream:
+            if len(prompts) != 1:
+                raise ApiError(400, "stream=true takes one prompt.", param="prompt", code="unsupported")
+            mixture, moin = await run_in_threadpool(choose, req.model, prompts[0])
+            ids = await run_in_threadpool(engine.encode, prompts[0], reserve=max_tokens)
+            return stream("completion", req, mixture, moin, ids, max_tokens, stop)
         tasks = []
         routes = []
         for prompt in prompts:
@@ -571,6 +672,8 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
         # MoIN routes the whole query: the last user turn is what the user asks now
         mixture, moin = await run_in_threadpool(choose, req.model, user_turns[-1])
         ids = await run_in_threadpool(engine.encode_chat, messages, reserve=max_tokens)
+        if req.stream:
+            return stream("chat", req, mixture, moin, ids, max_tokens, stop)
         output = await run(mixture, moin, ids, max_tokens, stop, req)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": req.model,

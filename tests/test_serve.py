@@ -39,7 +39,7 @@ def hf_cache(tmp_path_factory):
 def server(hub, topic_registry, hf_cache):
     engine = ExpertEngine(topic_registry, endpoint=hub.url, cache_size=2)
     engine.warm_up()
-    config = ServeConfig(api_key=API_KEY, max_tokens_limit=64, batch_window_ms=20)
+    config = ServeConfig(api_key=API_KEY, max_tokens_limit=512, batch_window_ms=20)
     with start_server(engine, config) as running:
         yield running
 
@@ -127,6 +127,53 @@ def test_chat_completions_route_on_the_last_user_turn(client):
 
 
 @pytest.mark.e2e
+def test_streams_give_the_same_text_as_whole_answers(client):
+    whole = client.completions.create(model="football", prompt="The weather today", max_tokens=12, temperature=0)
+    chunks = list(client.completions.create(model="football", prompt="The weather today", max_tokens=12,
+                                            temperature=0, stream=True))
+    assert chunks[0].model_extra["moin"]["experts"][0]["expert_id"] == "football"
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks][-1] == whole.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1]) and len(chunks) >= 3
+
+    messages = [{"role": "user", "content": QUERIES["astronomy"]}]
+    whole = client.chat.completions.create(model="moin:auto", messages=messages, max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(model="moin:auto", messages=messages, max_tokens=10,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+
+
+@pytest.mark.e2e
+def test_a_stop_string_ends_a_stream_where_it_ends_a_whole_answer(client):
+    text = client.completions.create(model="cooking", prompt="The weather today", max_tokens=16,
+                                     temperature=0).choices[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 2]  # two characters from the middle of the answer
+    assert stop.strip(), text
+    whole = client.completions.create(model="cooking", prompt="The weather today", max_tokens=16, temperature=0,
+                                      stop=[stop])
+    chunks = list(client.completions.create(model="cooking", prompt="The weather today", max_tokens=16,
+                                            temperature=0, stop=[stop], stream=True))
+    streamed = "".join(c.choices[0].text for c in chunks)
+    assert streamed == whole.choices[0].text == text[: text.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.e2e
+def test_a_client_that_leaves_a_stream_stops_its_generation(server, client):
+    engine = server.app.state.engine
+    before = engine.stats.snapshot()["generated_tokens"]
+    stream = client.completions.create(model="astronomy", prompt="Once upon a time", max_tokens=500,
+                                       temperature=0, stream=True)
+    next(iter(stream))
+    stream.close()
+    after_close = client.completions.create(model="astronomy", prompt="x y", max_tokens=2)  # still serving
+    assert after_close.choices[0].finish_reason in ("stop", "length")
+    generated = engine.stats.snapshot()["generated_tokens"] - before
+    assert generated < 500  # the left stream was cut short (its tokens are counted when it ends)
+
+
+@pytest.mark.e2e
 def test_topk_mode_mixes_several_experts(client):
     response = client.completions.create(model="moin:topk", prompt=QUERIES["football"], max_tokens=4,
                                          temperature=0)
@@ -168,11 +215,11 @@ def test_errors_are_openai_error_objects(server, client):
         client.completions.create(model="no-such-expert", prompt="hi", max_tokens=2)
     assert err.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
-        client.completions.create(model="moin:auto", prompt="hi", max_tokens=10_000)
+        client.completions.create(model="moin:auto", prompt="hi", max_tokens=100_000)
     with pytest.raises(openai.BadRequestError, match="empty"):
         client.completions.create(model="moin:auto", prompt="   ", max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match="Streaming"):
-        client.completions.create(model="moin:auto", prompt="hi", max_tokens=2, stream=True)
+    with pytest.raises(openai.BadRequestError, match="one prompt"):
+        client.completions.create(model="moin:auto", prompt=["hi", "ho"], max_tokens=2, stream=True)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="moin:auto", prompt="hi", max_tokens=2, temperature=9)
     wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-wrong", max_retries=0)

@@ -86,7 +86,7 @@ def command(registry: str, revision: str | None, endpoint: str | None, token: st
     \b
     POST /v1/completions, /v1/chat/completions   model "moin:auto" routes by content;
         "moin:top1|topk|adaptive" picks the mode, "moin:base" uses no expert,
-        an expert id or repo id forces that expert
+        an expert id or repo id forces that expert; "stream": true streams (SSE)
     POST /v1/route      routing only
     GET  /v1/experts    registered experts and which are loaded
     GET  /v1/models     the model names, OpenAI style

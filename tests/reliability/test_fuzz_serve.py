@@ -46,6 +46,10 @@ def server(hub, topic_registry):
 
 def _check(status: int, content_type: str, payload: bytes) -> dict:
     assert status < 500, payload[:300]
+    if status == 200 and content_type.startswith("text/event-stream"):  # stream=true: OpenAI's SSE
+        events = [line[len("data: "):] for line in payload.decode().splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and all("choices" in json.loads(e) for e in events[:-1]), payload[:300]
+        return {"choices": [True], "usage": {"completion_tokens": 0}}
     assert content_type.startswith("application/json"), content_type
     body = json.loads(payload)
     if status >= 400:
