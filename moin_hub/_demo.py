@@ -140,6 +140,9 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, echo: Callabl
     echo(f"Open the Space (route, generate, browse): moin-hub local-hub --data {out / 'hub'} --port 8080 &\n"
          f"  HF_ENDPOINT=http://127.0.0.1:8080 moin-hub space --registry {DEMO_REGISTRY}   "
          "# then browse http://127.0.0.1:7860")
+    echo(f"Serve it (OpenAI-compatible, routed per request): with the local Hub running,\n"
+         f"  HF_ENDPOINT=http://127.0.0.1:8080 moin-hub serve --registry {DEMO_REGISTRY} --port 8000   "
+         "# then POST /v1/completions with model moin:auto")
     summary = {"timings": timings, "report": str(work / "report.json"), "registry": DEMO_REGISTRY,
                "trained": trained, "answers": answers, "targets": report["targets"]}
     if keep_hub:
