@@ -526,11 +526,12 @@ def _import_ray() -> Any:
 
 
 def _run_ray(jobs: Sequence[TopicJob], kwargs: dict[str, Any], threads: int) -> dict[str, str]:
-    """One Ray task per expert, ``num_cpus=threads`` each; joins the running cluster or starts a local one."""
+    """One Ray task per expert, ``num_cpus=threads`` each; joins the running cluster (``$RAY_ADDRESS``, or one
+    already initialised in this process) or starts a local one (no dashboard)."""
     ray = _import_ray()
     started = not ray.is_initialized()
     if started:
-        ray.init()
+        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
     try:
         remote = ray.remote(num_cpus=threads)(train_expert)
         refs = {job.expert_id: remote.remote(job=job, **kwargs) for job in jobs}

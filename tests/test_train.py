@@ -162,6 +162,25 @@ def test_two_workers_give_the_same_experts_as_one(tiny_base, tmp_path):
     assert threads == max(1, len(os.sched_getaffinity(0)) // 2)
 
 
+@pytest.mark.e2e
+def test_ray_executor_trains_each_expert_as_its_own_task(tiny_base, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    for name, value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    small = dataclasses.replace(CONFIG, max_steps=3)
+    jobs = [job(topic, eval_texts=None) for topic in ("cooking", "football")]
+    kwargs = {"base_model_dir_or_loader": tiny_base, "base_model_id": BASE_REPO, "base_revision": BASE_SHA,
+              "progress": False}
+    local = train_experts(jobs, tmp_path / "local", small, workers=1, **kwargs)
+    on_ray = train_experts(jobs, tmp_path / "ray", small, executor="ray", **kwargs)
+    assert not ray.is_initialized()  # the local cluster it started is shut down again
+    assert [p.name for p in on_ray] == [p.name for p in local] == ["cooking", "football"]
+    for a, b in zip(local, on_ray, strict=True):  # same seed, same steps: the same adapter, wherever it ran
+        assert {p.name for p in b.iterdir()} == EXPERT_FILES
+        assert (a / "adapter_model.safetensors").read_bytes() == (b / "adapter_model.safetensors").read_bytes()
+
+
 def test_ray_executor_without_ray_names_the_extra(tiny_base, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` fail
     with pytest.raises(ImportError, match=r"pip install 'moin-hub\[ray\]'"):
