@@ -53,7 +53,7 @@ demo: setup  ## the main job end to end, offline: local hub, experts, registry, 
 	$(BIN)/python -m moin_hub demo --out demo-out
 
 bench: setup  ## benchmarks: tables of ratios measured in one run
-	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in benchmarks/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:  ## remove build outputs (not .venv)
 	rm -rf build dist *.egg-info demo-out .pytest_cache
