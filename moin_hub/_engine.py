@@ -483,8 +483,9 @@ class ExpertEngine:
             ) from None
         self._peft.eval()
         try:
-            check_adapter_effective(self._peft, name, weights_path=folder / ADAPTER_WEIGHTS_FILENAME,
-                                    repo_id=record.repo_id)
+            with quiet_peft():
+                check_adapter_effective(self._peft, name, weights_path=folder / ADAPTER_WEIGHTS_FILENAME,
+                                        repo_id=record.repo_id)
         except MoinHubError:
             if len(self._peft.peft_config) > 1:
                 self._peft.delete_adapter(name)

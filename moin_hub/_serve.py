@@ -75,6 +75,8 @@ class ServeConfig:
         max_tokens_limit: the largest ``max_tokens`` a request may ask for.
         max_prompt_chars: the longest prompt (or chat) accepted, in characters.
         api_key: when set, requests must send ``Authorization: Bearer <api_key>`` (it is never logged).
+        refresh_seconds: how often to follow the registry's head, so that newly pushed experts are served
+            (0: never; an engine started on a fixed ``revision`` never moves).
     """
 
     mode: str = "top1"
@@ -87,6 +89,7 @@ class ServeConfig:
     max_tokens_limit: int = 512
     max_prompt_chars: int = 32_000
     api_key: str | None = field(default=None, repr=False)
+    refresh_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         from ._mixing import mix_weights
@@ -100,6 +103,8 @@ class ServeConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if not (0 <= self.batch_window_ms <= 1000 and math.isfinite(self.batch_window_ms)):
             raise ValueError(f"batch_window_ms must be between 0 and 1000, got {self.batch_window_ms!r}.")
+        if not (0 <= self.refresh_seconds and math.isfinite(self.refresh_seconds)):
+            raise ValueError(f"refresh_seconds must be a number >= 0, got {self.refresh_seconds!r}.")
 
 
 # ------------------------------------------------------------------------------------------ batching
@@ -273,6 +278,7 @@ class ServerMetrics:
     batch_sizes: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
     requests: dict[tuple[str, int], int] = field(default_factory=dict)
     expert_requests: dict[str, int] = field(default_factory=dict)
+    registry_updates: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def count_request(self, path: str, status: int) -> None:
@@ -282,6 +288,10 @@ class ServerMetrics:
     def count_expert(self, expert: str) -> None:
         with self.lock:
             self.expert_requests[expert] = self.expert_requests.get(expert, 0) + 1
+
+    def count_refresh(self) -> None:
+        with self.lock:
+            self.registry_updates += 1
 
 
 def _label(value: str) -> str:
@@ -301,6 +311,7 @@ def render_metrics(engine: ExpertEngine, metrics: ServerMetrics, pending: int) -
     with metrics.lock:
         requests = sorted(metrics.requests.items())
         experts = sorted(metrics.expert_requests.items())
+        updates = metrics.registry_updates
     metric("moin_requests_total", "counter", "HTTP requests by path and status.",
            [(f'{{path="{_label(p)}",status="{s}"}}', n) for (p, s), n in requests])
     metric("moin_expert_requests_total", "counter", "Generation requests by expert (base: the base model).",
@@ -321,6 +332,9 @@ def render_metrics(engine: ExpertEngine, metrics: ServerMetrics, pending: int) -
     rate = stats["generated_tokens"] / stats["generation_seconds"] if stats["generation_seconds"] else 0.0
     metric("moin_tokens_per_second", "gauge", "Generated tokens per second of generation time, since start.",
            [("", round(rate, 3))])
+    metric("moin_registry_updates_total", "counter", "Times the server moved to a new registry commit.",
+           [("", updates)])
+    metric("moin_registry_experts", "gauge", "Experts in the registry commit served.", [("", len(engine.registry))])
     metric("moin_loaded_adapters", "gauge", "Expert adapters loaded on the base model.", [("", len(cache["loaded"]))])
     metric("moin_loaded_adapter_bytes", "gauge", "Bytes of loaded adapter weights.", [("", cache["bytes"])])
     metric("moin_cache_capacity", "gauge", "Adapters the cache may hold.", [("", cache["capacity"])])
@@ -448,13 +462,28 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
     metrics = ServerMetrics()
     state: dict[str, ExpertBatcher] = {}
 
+    async def follow_registry() -> None:
+        """Follow the registry's head every ``refresh_seconds``; a failed look is logged and retried later."""
+        while True:
+            await asyncio.sleep(config.refresh_seconds)
+            try:
+                if await run_in_threadpool(engine.refresh):
+                    metrics.count_refresh()
+                    logger.info("registry %s moved to %s: %d experts", engine.registry.registry_id,
+                                engine.registry.revision[:12], len(engine.registry))
+            except Exception as err:  # noqa: BLE001 - serving goes on with the registry it has
+                logger.warning("registry refresh failed: %s", str(err).splitlines()[0][:200] if str(err) else err)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any):  # noqa: ANN202
         state["batcher"] = ExpertBatcher(engine, max_batch_size=config.max_batch_size,
                                          window_ms=config.batch_window_ms, on_batch=metrics.batch_sizes.observe)
+        refresher = asyncio.create_task(follow_registry()) if config.refresh_seconds else None
         try:
             yield
         finally:
+            if refresher is not None:
+                refresher.cancel()
             state.pop("batcher").close()
             engine.close()
 

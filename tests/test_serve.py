@@ -345,3 +345,28 @@ def test_moin_hub_serve_runs_as_a_command(hub, topic_registry, tmp_path):
         output, _ = proc.communicate(timeout=60)
     assert "Pinned astronomy" in output and f"127.0.0.1:{port}/v1" in output
     assert key not in output
+
+
+@pytest.mark.e2e
+def test_the_server_follows_the_registry_and_serves_new_experts(hub, registry_id, make_expert):
+    import time
+
+    from moin_hub import push_expert
+
+    push_expert(make_expert("cooking"), registry=registry_id, repo_id=f"test-org/{registry_id[-8:]}-cooking",
+                endpoint=hub.url)
+    engine = ExpertEngine(registry_id, endpoint=hub.url)
+    with start_server(engine, ServeConfig(refresh_seconds=0.2)) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="-", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list()][5:] == ["cooking"]
+        push_expert(make_expert("astronomy"), registry=registry_id,
+                    repo_id=f"test-org/{registry_id[-8:]}-astronomy", endpoint=hub.url)
+        deadline = time.monotonic() + 30
+        while "astronomy" not in [m.id for m in client.models.list()]:
+            assert time.monotonic() < deadline, "the server never saw the new expert"
+            time.sleep(0.1)
+        answer = client.completions.create(model="moin:auto", prompt=QUERIES["astronomy"], max_tokens=2)
+        assert answer.model_extra["moin"]["experts"][0]["expert_id"] == "astronomy"
+        assert answer.model_extra["moin"]["registry_revision"] == engine.registry.revision
+        metrics = raw_request(running.url, "GET", "/metrics")[2].decode()
+        assert "moin_registry_updates_total 1" in metrics and "moin_registry_experts 2" in metrics

@@ -74,13 +74,16 @@ class ByteSize(click.ParamType):
               help="Serve the experts on this base model instead of the registry's (same architecture), "
                    "or on a local folder.")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--refresh-seconds", default=60.0, show_default=True, type=click.FloatRange(0),
+              help="Follow the registry's head this often, so newly pushed experts are served (0: never; "
+                   "with --revision the registry never moves).")
 @click.option("--api-key", default=None, envvar="MOIN_API_KEY", show_envvar=True,
               help="Require `Authorization: Bearer <key>` on /v1/* (never printed).")
 def command(registry: str, revision: str | None, endpoint: str | None, token: str | None, host: str, port: int,
             mode: str, k: int, mass: float, mix_temperature: float, threshold: float | None, cache_size: int,
             cache_bytes: int | None, pins: tuple[str, ...], prefetch: int, max_batch_size: int,
             batch_window_ms: float, max_tokens_limit: int, base_model: str | None, device: str | None,
-            api_key: str | None) -> None:
+            refresh_seconds: float, api_key: str | None) -> None:
     """Serve the registry's experts over an OpenAI-compatible HTTP API.
 
     \b
@@ -103,7 +106,7 @@ def command(registry: str, revision: str | None, endpoint: str | None, token: st
 
     config = ServeConfig(mode=mode, k=k, temperature=mix_temperature, mass=mass, threshold=threshold,
                          max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
-                         max_tokens_limit=max_tokens_limit, api_key=api_key)
+                         max_tokens_limit=max_tokens_limit, api_key=api_key, refresh_seconds=refresh_seconds)
     engine = ExpertEngine(registry, revision=revision, endpoint=endpoint, token=token, base_model=base_model,
                           cache_size=cache_size, cache_bytes=cache_bytes, prefetch=prefetch, device=device)
     click.echo(f"Registry {engine.registry.registry_id}@{engine.registry.revision[:12]} "
