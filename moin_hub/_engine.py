@@ -230,36 +230,51 @@ class Plan:
         return {**self.route.to_dict(), "mixture": self.mixture.to_dict(), "route_ms": round(self.route_ms, 3)}
 
 
-def _streaming_kwargs(on_token: Callable[[int], None] | None, cancel: threading.Event | None) -> dict[str, Any]:
-    """``generate`` kwargs that call ``on_token`` per new token and stop once ``cancel`` is set."""
+def _streaming_kwargs(on_tokens: Sequence[Callable[[int], None] | None],
+                      cancels: Sequence[threading.Event | None], limits: Sequence[int], width: int,
+                      eos: int | None) -> dict[str, Any]:
+    """``generate`` kwargs for per-row streaming and stopping.
+
+    Row ``i`` gets each new token passed to ``on_tokens[i]`` (until its EOS or its own token limit), and stops
+    (HF pads it from then on) once ``cancels[i]`` is set or it has ``limits[i]`` new tokens, so rows with
+    different limits, streamed or not, share one batch and the batch ends when every row has.
+    """
+    import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
     from transformers.generation.streamers import BaseStreamer
 
     kwargs: dict[str, Any] = {}
-    if on_token is not None:
-        class TokenStreamer(BaseStreamer):
-            prompt_seen = False
+    if any(callback is not None for callback in on_tokens):
+        class RowStreamer(BaseStreamer):
+            def __init__(self) -> None:
+                self.prompt_seen = False
+                self.sent = [0] * len(on_tokens)
+                self.ended = [callback is None for callback in on_tokens]
 
             def put(self, value: Any) -> None:
                 if not self.prompt_seen:  # generate's first put is the prompt
                     self.prompt_seen = True
                     return
-                for token in value.reshape(-1).tolist():
-                    on_token(int(token))
+                for row, token in enumerate(value.reshape(-1).tolist()):
+                    if self.ended[row]:
+                        continue
+                    on_tokens[row](int(token))
+                    self.sent[row] += 1
+                    self.ended[row] = token == eos or self.sent[row] >= limits[row]
 
             def end(self) -> None:
                 pass
 
-        kwargs["streamer"] = TokenStreamer()
-    if cancel is not None:
-        import torch
+        kwargs["streamer"] = RowStreamer()
 
-        class Cancelled(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool,
-                                  device=input_ids.device)
+    class RowDone(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            new = input_ids.shape[1] - width
+            done = [new >= limit or (cancel is not None and cancel.is_set())
+                    for limit, cancel in zip(limits, cancels, strict=True)]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-        kwargs["stopping_criteria"] = StoppingCriteriaList([Cancelled()])
+    kwargs["stopping_criteria"] = StoppingCriteriaList([RowDone()])
     return kwargs
 
 
@@ -730,8 +745,8 @@ class ExpertEngine:
     def generate_batch(self, prompts: Sequence[Sequence[int]], mixture: Mixture | Sequence[Mixture], *,
                        max_new_tokens: Sequence[int], temperature: float = 0.0, top_p: float = 1.0,
                        stop: Sequence[Sequence[str]] | None = None, seed: int | None = None,
-                       on_token: Callable[[int], None] | None = None,
-                       cancel: threading.Event | None = None) -> list[Completion]:
+                       on_token: Sequence[Callable[[int], None] | None] | None = None,
+                       cancel: Sequence[threading.Event | None] | None = None) -> list[Completion]:
         """Generate for a batch of prompts in one padded forward batch on the one base model.
 
         Args:
@@ -743,16 +758,16 @@ class ExpertEngine:
             temperature: 0 decodes greedily; above 0 samples (with ``top_p``).
             stop: per prompt, strings that end its text (cut before the first one; ``finish_reason`` "stop").
             seed: seeds torch's generator for sampling (reproducible outputs).
-            on_token: called with each new token id as it is generated (one prompt only: streaming).
-            cancel: when set, generation stops after the current token (a stop string seen while streaming,
-                or a client gone).
+            on_token: per prompt, None or a function called with each new token id as it is generated
+                (streaming; up to the prompt's EOS or its own ``max_new_tokens``).
+            cancel: per prompt, None or an event: once set, that prompt stops after its current token (a stop
+                string seen while streaming, or a client gone); the others go on.
 
         Returns:
             One :class:`Completion` per prompt, in order.
 
         Raises:
-            ValueError: lengths differ, rows mix different multi-expert mixtures, or ``on_token`` with
-                several prompts.
+            ValueError: lengths differ, or rows mix different multi-expert mixtures.
         """
         import torch
 
@@ -761,10 +776,11 @@ class ExpertEngine:
         mixtures = [mixture] * len(prompts) if isinstance(mixture, Mixture) else list(mixture)
         if len(max_new_tokens) != len(prompts) or len(mixtures) != len(prompts):
             raise ValueError("max_new_tokens and mixtures need one value per prompt.")
-        if on_token is not None and len(prompts) != 1:
-            raise ValueError("on_token streams one prompt; got a batch of several.")
+        on_token = list(on_token) if on_token is not None else [None] * len(prompts)
+        cancel = list(cancel) if cancel is not None else [None] * len(prompts)
+        if len(on_token) != len(prompts) or len(cancel) != len(prompts):
+            raise ValueError("on_token and cancel need one value (or None) per prompt.")
         stop = stop or [()] * len(prompts)
-        extra_kwargs = _streaming_kwargs(on_token, cancel)
         model, tokenizer = self._load_base()
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -776,6 +792,7 @@ class ExpertEngine:
             input_ids[row, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
             attention[row, width - len(ids):] = 1
         n_new = max(max_new_tokens)
+        extra_kwargs = _streaming_kwargs(on_token, cancel, list(max_new_tokens), width, tokenizer.eos_token_id)
         sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0} \
             if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         start = time.perf_counter()

@@ -129,9 +129,7 @@ class Job:
     @property
     def batch_key(self) -> tuple:
         """Jobs with equal keys run in one batch: the same sampling, and either one expert (or none) each, in
-        any mix (per-row adapters), or the same mixture of several experts. A streamed job runs alone."""
-        if self.on_token is not None:
-            return ("stream", id(self))
+        any mix (per-row adapters), or the same mixture of several experts. Streamed jobs batch like others."""
         if len(self.mixture.experts) > 1:
             mixture: Any = tuple(zip(self.mixture.experts, (round(w, 6) for w in self.mixture.weights),
                                      strict=True))
@@ -228,7 +226,7 @@ class ExpertBatcher:
                 [j.prompt_ids for j in batch], [j.mixture for j in batch],
                 max_new_tokens=[j.max_new_tokens for j in batch],
                 temperature=first.temperature, top_p=first.top_p, stop=[j.stop for j in batch], seed=first.seed,
-                on_token=first.on_token, cancel=first.cancel)
+                on_token=[j.on_token for j in batch], cancel=[j.cancel for j in batch])
         except BaseException as err:  # every waiting request must get an answer
             for job in batch:
                 job.future.set_exception(err)

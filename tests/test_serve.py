@@ -44,6 +44,19 @@ def server(hub, topic_registry, hf_cache):
         yield running
 
 
+@pytest.fixture(scope="module")
+def batching_server(server):
+    """A second server on the same engine whose batcher waits 300 ms: concurrent test requests surely meet."""
+    config = ServeConfig(api_key=API_KEY, max_tokens_limit=512, batch_window_ms=300, refresh_seconds=0)
+    with start_server(server.app.state.engine, config) as running:
+        yield running
+
+
+@pytest.fixture
+def batching_client(batching_server):
+    return openai.OpenAI(base_url=f"{batching_server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
@@ -145,6 +158,34 @@ def test_streams_give_the_same_text_as_whole_answers(client):
 
 
 @pytest.mark.e2e
+def test_streamed_and_whole_requests_share_batches(server, client, batching_client):
+    engine = server.app.state.engine
+    expected = {t: client.completions.create(model=t, prompt=QUERIES[t], max_tokens=6 + i, temperature=0)
+                .choices[0].text for i, t in enumerate(TOPICS)}
+    before = engine.stats.snapshot()
+    got: dict[str, str] = {}
+
+    def ask(i: int, topic: str) -> None:
+        if i % 2:  # streamed
+            chunks = batching_client.completions.create(model=topic, prompt=QUERIES[topic], max_tokens=6 + i,
+                                                        temperature=0, stream=True)
+            got[topic] = "".join(c.choices[0].text for c in chunks)
+        else:
+            got[topic] = batching_client.completions.create(model=topic, prompt=QUERIES[topic], max_tokens=6 + i,
+                                                            temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i, t)) for i, t in enumerate(TOPICS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    after = engine.stats.snapshot()
+    assert got == expected  # each row keeps its own length limit and expert, streamed or not
+    assert after["batched_requests"] - before["batched_requests"] == 3
+    assert after["batches"] - before["batches"] == 1  # the batch window put them together
+
+
+@pytest.mark.e2e
 def test_a_stop_string_ends_a_stream_where_it_ends_a_whole_answer(client):
     text = client.completions.create(model="cooking", prompt="The weather today", max_tokens=16,
                                      temperature=0).choices[0].text
@@ -231,15 +272,16 @@ def test_errors_are_openai_error_objects(server, client):
 
 
 @pytest.mark.e2e
-def test_concurrent_requests_for_different_experts_share_batches(server, client):
+def test_concurrent_requests_for_different_experts_share_batches(server, client, batching_client):
     engine = server.app.state.engine
     before = engine.stats.snapshot()
     results: dict[int, object] = {}
     models = [TOPICS[0], TOPICS[1], "moin:base", "moin:auto"]
 
     def ask(i: int) -> None:
-        results[i] = client.completions.create(model=models[i % 4], prompt=f"{QUERIES[TOPICS[i % 3]]} {i}",
-                                               max_tokens=4, temperature=0)
+        results[i] = batching_client.completions.create(model=models[i % 4],
+                                                        prompt=f"{QUERIES[TOPICS[i % 3]]} {i}", max_tokens=4,
+                                                        temperature=0)
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
     for t in threads:
