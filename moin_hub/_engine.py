@@ -459,22 +459,23 @@ class ExpertEngine:
         """Delete an evicted adapter's weights from the base model (called by the cache, under the lock)."""
         logger.info("evicting adapter %s (%s@%s)", slot.name, slot.key[0], slot.key[1][:12])
         self._drop_mixture()
-        if self._peft.active_adapter == slot.name:  # hand "active" to the newest adapter first
-            others = [s.name for s in self._cache.slots() if s.name != slot.name]
-            if others:
-                self._peft.set_adapter(others[-1], inference_mode=True)
-        self._peft.delete_adapter(slot.name)
+        self._delete_adapter(slot.name)
         self.stats.add(evictions=1)
 
     def _drop_mixture(self) -> None:
         """Delete the mixture slot (it holds copies of experts' weights), if any (under the lock)."""
         if self._peft is not None and MIXTURE_SLOT in self._peft.peft_config:
-            if self._peft.active_adapter == MIXTURE_SLOT:
-                others = [s.name for s in self._cache.slots()]
-                if others:
-                    self._peft.set_adapter(others[-1], inference_mode=True)
-            self._peft.delete_adapter(MIXTURE_SLOT)
+            self._delete_adapter(MIXTURE_SLOT)
         self._mixture_key = None
+
+    def _delete_adapter(self, name: str) -> None:
+        """Delete PEFT adapter ``name``; if it is the active one, hand "active" to the newest cached expert first
+        (under the lock)."""
+        if self._peft.active_adapter == name:
+            others = [s.name for s in self._cache.slots() if s.name != name]
+            if others:
+                self._peft.set_adapter(others[-1], inference_mode=True)
+        self._peft.delete_adapter(name)
 
     def _load_adapter(self, record: ExpertRecord, name: str, folder: Path) -> None:
         """Load a verified adapter folder onto the base model as ``name`` (under the lock)."""
@@ -531,10 +532,7 @@ class ExpertEngine:
         with self._lock:
             slot = self._cache.get(key)
             if slot is not None:
-                slot.in_use += 1
-                slot.pinned = slot.pinned or pin
-                self.stats.add(cache_hits=int(count))
-                return slot, False
+                return self._hold_loaded(slot, pin, count), False
         start = time.perf_counter()
         folder = self._download(record)
         with self._lock:
@@ -549,10 +547,14 @@ class ExpertEngine:
                 self._cache.add(slot)
                 self.stats.add(cache_misses=int(count), loads=1, load_seconds=seconds)
                 return slot, True
-            slot.in_use += 1
-            slot.pinned = slot.pinned or pin
-            self.stats.add(cache_hits=int(count))
-            return slot, False
+            return self._hold_loaded(slot, pin, count), False
+
+    def _hold_loaded(self, slot: AdapterSlot, pin: bool, count: bool) -> AdapterSlot:
+        """Hold an adapter found in the cache (a hit), pinning it if asked (under the lock)."""
+        slot.in_use += 1
+        slot.pinned = slot.pinned or pin
+        self.stats.add(cache_hits=int(count))
+        return slot
 
     def _release(self, slot: AdapterSlot) -> None:
         """Let go of a held adapter; the cache shrinks back to its budget if holds had kept it over."""
