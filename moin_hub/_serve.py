@@ -432,6 +432,12 @@ def api_error(err: BaseException) -> ApiError:
     return ApiError(500, "Internal server error (see the server log).", type="server_error", code="internal_error")
 
 
+def expert_entry(record: Any, weight: float) -> dict[str, Any]:
+    """An expert as the ``moin`` object of an answer names it: id, repo, pinned sha, weight."""
+    return {"expert_id": record.expert_id, "repo_id": record.repo_id, "revision": record.revision,
+            "weight": round(weight, 6)}
+
+
 def _text_of(content: Any) -> str:
     """The text of a chat message's content: a string, or OpenAI's list of parts (text parts joined)."""
     if isinstance(content, str):
@@ -560,8 +566,7 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
                                threshold=config.threshold)
             metrics.route_seconds.observe(time.perf_counter() - start)
             sims = {r.expert.expert_id: r for r in plan.route.routes}
-            experts = [{"expert_id": e, "repo_id": sims[e].expert.repo_id, "revision": sims[e].expert.revision,
-                        "weight": round(w, 6), "similarity": round(sims[e].similarity, 6)}
+            experts = [{**expert_entry(sims[e].expert, w), "similarity": round(sims[e].similarity, 6)}
                        for e, w in zip(plan.mixture.experts, plan.mixture.weights, strict=True)]
             best = plan.route.best
             return plan.mixture, {**info, "mode": mode, "experts": experts, "route_ms": round(plan.route_ms, 3),
@@ -569,16 +574,18 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
                                            "similarity": round(best.similarity, 6)}}
         record = registry.get(model)  # ExpertNotFoundError -> 404 model_not_found
         return Mixture((record.expert_id,), (1.0,), "forced"), {
-            **info, "mode": "forced",
-            "experts": [{"expert_id": record.expert_id, "repo_id": record.repo_id, "revision": record.revision,
-                         "weight": 1.0}]}
+            **info, "mode": "forced", "experts": [expert_entry(record, 1.0)]}
 
-    async def run(mixture: Mixture, moin: dict[str, Any], prompt_ids: list[int], max_tokens: int,
-                  stop: tuple[str, ...], req: Sampling) -> Completion:
-        for expert in mixture.experts or ("base",):
+    def submit(job: Job) -> Future:
+        """Count the job's experts and hand it to the batcher."""
+        for expert in job.mixture.experts or ("base",):
             metrics.count_expert(expert)
+        return state["batcher"].submit(job)
+
+    async def run(mixture: Mixture, prompt_ids: list[int], max_tokens: int, stop: tuple[str, ...],
+                  req: Sampling) -> Completion:
         job = Job(mixture, prompt_ids, max_tokens, req.temperature, req.top_p, stop, req.seed)
-        return await asyncio.wrap_future(state["batcher"].submit(job))
+        return await asyncio.wrap_future(submit(job))
 
     def check_length(text: str, what: str) -> str:
         if not text.strip():
@@ -604,11 +611,9 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
         def push(token: int | None) -> None:
             loop.call_soon_threadsafe(tokens.put_nowait, token)
 
-        for expert in mixture.experts or ("base",):
-            metrics.count_expert(expert)
         job = Job(mixture, prompt_ids, max_tokens, req.temperature, req.top_p, (), req.seed, on_token=push,
                   cancel=cancel)
-        future = state["batcher"].submit(job)
+        future = submit(job)
         future.add_done_callback(lambda _: push(None))
         ident, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         tokenizer = engine.tokenizer
@@ -681,7 +686,7 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
             mixture, moin = await run_in_threadpool(choose, req.model, prompt)
             ids = await run_in_threadpool(engine.encode, prompt, reserve=max_tokens)
             routes.append(moin)
-            tasks.append(run(mixture, moin, ids, max_tokens, stop, req))
+            tasks.append(run(mixture, ids, max_tokens, stop, req))
         outputs = await asyncio.gather(*tasks)
         choices = [{"index": i, "text": o.text, "finish_reason": o.finish_reason, "logprobs": None,
                     "moin": routes[i]} for i, o in enumerate(outputs)]
@@ -701,7 +706,7 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
         ids = await run_in_threadpool(engine.encode_chat, messages, reserve=max_tokens)
         if req.stream:
             return stream("chat", req, mixture, moin, ids, max_tokens, stop)
-        output = await run(mixture, moin, ids, max_tokens, stop, req)
+        output = await run(mixture, ids, max_tokens, stop, req)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": req.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text},
