@@ -130,20 +130,28 @@ def blocks_nll(model: torch.nn.Module, blocks: torch.Tensor, *, batch_size: int 
     """
     if blocks.shape[0] == 0:
         return 0.0, 0
+    total = 0.0
+    with _scoring(model, bf16) as device:
+        for batch in blocks.split(batch_size):
+            batch = batch.to(device)
+            logits = model(input_ids=batch).logits
+            for row, ids in zip(logits, batch, strict=True):  # one row at a time: the fp32 copy stays small
+                total += F.cross_entropy(row[:-1].float(), ids[1:], reduction="sum").item()
+    return total, blocks.shape[0] * (blocks.shape[1] - 1)
+
+
+@contextlib.contextmanager
+def _scoring(model: torch.nn.Module, bf16: BF16) -> Iterator[torch.device]:
+    """``model`` in eval mode, gradients off, bf16 autocast as asked; yields its device and gives the model
+    back in the mode it had."""
     device = model_device(model)
     was_training = model.training
     model.eval()
-    total = 0.0
     try:
         with torch.inference_mode(), autocast(device, resolve_bf16(bf16, device)):
-            for batch in blocks.split(batch_size):
-                batch = batch.to(device)
-                logits = model(input_ids=batch).logits
-                for row, ids in zip(logits, batch, strict=True):  # one row at a time: the fp32 copy stays small
-                    total += F.cross_entropy(row[:-1].float(), ids[1:], reduction="sum").item()
+            yield device
     finally:
         model.train(was_training)
-    return total, blocks.shape[0] * (blocks.shape[1] - 1)
 
 
 def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *, seq_len: int = 256,
@@ -394,27 +402,21 @@ def texts_nll(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *, s
     encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"] if texts else []
     rows = [(ids + [tokenizer.eos_token_id])[:seq_len] for ids in encoded]
     rows = [ids for ids in rows if len(ids) >= 2]
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
     total, n_tokens = 0.0, 0
-    try:
-        with torch.inference_mode(), autocast(device, resolve_bf16(bf16, device)):
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start:start + batch_size]
-                width = max(len(ids) for ids in chunk)
-                batch = torch.zeros((len(chunk), width), dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for i, ids in enumerate(chunk):  # right padding: positions after a text are masked out
-                    batch[i, :len(ids)] = torch.tensor(ids)
-                    mask[i, :len(ids)] = 1
-                logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits
-                for row, ids in zip(logits, chunk, strict=False):
-                    target = torch.tensor(ids[1:], device=device)
-                    total += F.cross_entropy(row[: len(ids) - 1].float(), target, reduction="sum").item()
-                    n_tokens += len(ids) - 1
-    finally:
-        model.train(was_training)
+    with _scoring(model, bf16) as device:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            width = max(len(ids) for ids in chunk)
+            batch = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, ids in enumerate(chunk):  # right padding: positions after a text are masked out
+                batch[i, :len(ids)] = torch.tensor(ids)
+                mask[i, :len(ids)] = 1
+            logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits
+            for row, ids in zip(logits, chunk, strict=False):
+                target = torch.tensor(ids[1:], device=device)
+                total += F.cross_entropy(row[: len(ids) - 1].float(), target, reduction="sum").item()
+                n_tokens += len(ids) - 1
     return total, n_tokens
 
 
