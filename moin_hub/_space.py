@@ -184,16 +184,11 @@ class SpaceEngine(ExpertEngine):
     the lock per token, so several users interleave.
 
     Args:
-        registry: the registry id (``"org/name"``) or a loaded :class:`~moin_hub.Registry`.
-        revision: registry revision (default: head of main; :meth:`refresh` follows the head).
-        endpoint / token: Hub settings (``token=None`` lets the Hub client find one; it is never shown).
-        base_model: override the registry's base model: a Hub id (``"org/name"`` or ``"org/name@rev"``,
-            resolved to a commit) or a local folder. Its architecture must match the experts'.
+        registry / revision / endpoint / token / base_model / cache_size / device: as in
+            :class:`~moin_hub._engine.ExpertEngine`.
         threshold: the similarity below which the base model answers.
-        cache_size: adapters kept loaded.
         max_new_tokens_limit: the most tokens one request may generate.
         max_input_chars: the longest text accepted.
-        device: torch device (default: CUDA if available, else CPU).
 
     Example:
         >>> engine = SpaceEngine("acme/moin-registry")  # doctest: +SKIP
