@@ -61,8 +61,8 @@ def write_expert(folder: Path, base: Any, embedder: Any, expert_id: str, texts: 
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from moin_hub._config import ExpertMetadata
-    from moin_hub._expert import write_centroid
+    from moin_hub.hub.config import ExpertMetadata
+    from moin_hub.hub.expert import write_centroid
 
     torch.manual_seed(seed)
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
@@ -89,9 +89,9 @@ def publish_registry(hub_url: str, root: Path, registry_id: str, topics: dict[st
     from huggingface_hub import HfApi
 
     from moin_hub import init_registry, push_expert
-    from moin_hub._assets import publish_default_assets
-    from moin_hub._embed import load_embedder
-    from moin_hub._loading import load_base_model
+    from moin_hub.hub.assets import publish_default_assets
+    from moin_hub.hub.embed import load_embedder
+    from moin_hub.hub.loading import load_base_model
 
     assets = publish_default_assets(HfApi(endpoint=hub_url))
     base_repo = assets["base_model"][0]

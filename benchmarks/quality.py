@@ -58,7 +58,6 @@ def main() -> int:
 
     from huggingface_hub import HfApi
 
-    from moin_hub._assets import publish_default_assets
     from moin_hub._hub_server import LocalHub
     from moin_hub._pipeline import (
         base_model_dir,
@@ -70,6 +69,7 @@ def main() -> int:
         train,
     )
     from moin_hub._train import TRAINING_FILENAME, TrainConfig, train_experts
+    from moin_hub.hub.assets import publish_default_assets
 
     root = Path(tempfile.mkdtemp(prefix="moin-bench-"))
     work = args.keep or root / "work"

@@ -35,9 +35,9 @@ def main() -> int:
     from huggingface_hub import HfApi, constants
 
     from moin_hub import LocalHub, Registry, init_registry, pull, push_expert
-    from moin_hub._registry import experts_from_parquet
     from moin_hub._validators import validate_query, validate_repo_id
     from moin_hub.errors import EmptyQueryError, HubUnavailableError, InvalidRegistryError
+    from moin_hub.hub.registry import experts_from_parquet
     from tests import _helpers
     from tests.reliability._tools import consistency_problems, race_pushes, raw_request, subprocess_env
     from tests.reliability.test_faults import TRANSIENT, targets

@@ -52,7 +52,7 @@ def clustered(n: int, clusters: int, rng: np.random.Generator) -> np.ndarray:
 
 def make_registry(vectors: np.ndarray, name: str):  # noqa: ANN201 - moin_hub.Registry
     from moin_hub import Registry
-    from moin_hub._config import EmbedderSpec, ExpertRecord, PinnedModel, RegistryManifest
+    from moin_hub.hub.config import EmbedderSpec, ExpertRecord, PinnedModel, RegistryManifest
 
     manifest = RegistryManifest(base_model=PinnedModel("bench/base", "b" * 40),
                                 embedder=EmbedderSpec("bench/embedder", "e" * 40, dim=DIM))
@@ -70,7 +70,7 @@ def measure_index(registry, vectors: np.ndarray, kind: str, queries: np.ndarray,
     """Build a router with ``kind``, time routes and compare its best routes with exact search."""
     import faiss
 
-    from moin_hub._router import Router
+    from moin_hub.hub.router import Router
 
     start = time.perf_counter()
     router = Router(registry, index=kind)
@@ -113,7 +113,7 @@ def time_generation(runs: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moin_hub._assets import default_base_model_dir
+    from moin_hub.hub.assets import default_base_model_dir
 
     folder = default_base_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -145,8 +145,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    from moin_hub._embed import Embedder, embedding_dimension, load_sentence_transformer
-    from moin_hub._router import Router, resolve_index_kind
+    from moin_hub.hub.embed import Embedder, embedding_dimension, load_sentence_transformer
+    from moin_hub.hub.router import Router, resolve_index_kind
 
     if args.threads:
         import faiss
@@ -243,7 +243,7 @@ def main() -> int:
 
 
 def _embedder_dir() -> Path:
-    from moin_hub._assets import default_embedder_dir
+    from moin_hub.hub.assets import default_embedder_dir
 
     return default_embedder_dir()
 

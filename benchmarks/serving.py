@@ -54,8 +54,8 @@ def main() -> int:
 
     from moin_hub._engine import ExpertEngine
     from moin_hub._hub_server import LocalHub
-    from moin_hub._mixing import Mixture
     from moin_hub._serve import ServeConfig, start_server
+    from moin_hub.hub.mixing import Mixture
 
     hub = LocalHub(root / "hub").start()
     topics = list(TOPICS)[: args.experts + 4]
@@ -136,8 +136,8 @@ def main() -> int:
 
         from peft import PeftModel
 
-        from moin_hub._loading import load_base_model
-        from moin_hub._pull import download_expert
+        from moin_hub.hub.loading import load_base_model
+        from moin_hub.hub.pull import download_expert
 
         record = engine.registry.get(a)
         folder = download_expert(record, endpoint=hub.url)  # already in the HF cache: no download timed

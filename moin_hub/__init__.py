@@ -43,33 +43,33 @@ __all__ = [
 
 # name -> private module that defines it; imported lazily on first attribute access.
 _LAZY = {
-    "EmbedderSpec": "._config",
+    "EmbedderSpec": ".hub.config",
     "ExpertEngine": "._engine",
-    "ExpertMetadata": "._config",
-    "ExpertRecord": "._config",
-    "PinnedModel": "._config",
-    "RegistryManifest": "._config",
+    "ExpertMetadata": ".hub.config",
+    "ExpertRecord": ".hub.config",
+    "PinnedModel": ".hub.config",
+    "RegistryManifest": ".hub.config",
     "LocalHub": "._hub_server",
-    "Registry": "._registry",
-    "init_registry": "._registry",
-    "push_expert": "._push",
-    "remove_expert": "._push",
-    "Route": "._router",
-    "Router": "._router",
-    "PullResult": "._pull",
-    "pull": "._pull",
-    "load_expert": "._loading",
+    "Registry": ".hub.registry",
+    "init_registry": ".hub.registry",
+    "push_expert": ".hub.push",
+    "remove_expert": ".hub.push",
+    "Route": ".hub.router",
+    "Router": ".hub.router",
+    "PullResult": ".hub.pull",
+    "pull": ".hub.pull",
+    "load_expert": ".hub.loading",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._config import EmbedderSpec, ExpertMetadata, ExpertRecord, PinnedModel, RegistryManifest
     from ._engine import ExpertEngine
     from ._hub_server import LocalHub
-    from ._loading import load_expert
-    from ._pull import PullResult, pull
-    from ._push import push_expert, remove_expert
-    from ._registry import Registry, init_registry
-    from ._router import Route, Router
+    from .hub.config import EmbedderSpec, ExpertMetadata, ExpertRecord, PinnedModel, RegistryManifest
+    from .hub.loading import load_expert
+    from .hub.pull import PullResult, pull
+    from .hub.push import push_expert, remove_expert
+    from .hub.registry import Registry, init_registry
+    from .hub.router import Route, Router
 
 
 def __getattr__(name: str) -> Any:

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._assets import atomic_folder, cache_root, is_complete
 from ._validators import validate_positive_int, validate_relative_path, validate_repo_id
 from .errors import AssetNotFoundError, InvalidCorpusError, UnsafeFileError
+from .hub.assets import atomic_folder, cache_root, is_complete
 
 __all__ = [
     "BROWN_GENRES",
@@ -105,7 +105,7 @@ def brown_dir(cache_dir: str | os.PathLike | None = None, fetch: bool = True) ->
     pinned sha512, and extracts it safely and atomically into the cache.
 
     Args:
-        cache_dir: the cache root (see :func:`moin_hub._assets.cache_root`).
+        cache_dir: the cache root (see :func:`moin_hub.hub.assets.cache_root`).
         fetch: download the corpus when it is not there yet.
 
     Returns:

@@ -62,9 +62,9 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, echo: Callabl
     """
     from huggingface_hub import HfApi
 
-    from ._assets import publish_default_assets
     from ._hub_server import LocalHub
     from ._pipeline import cluster, evaluate, load_corpus, push_all, resolve_models, train
+    from .hub.assets import publish_default_assets
 
     config = config or DemoConfig()
     out = Path(out)
@@ -152,8 +152,8 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, echo: Callabl
 
 def _answer(query: str, endpoint: str, echo: Callable[[str], None]) -> dict[str, Any]:
     """Route and pull one query; print the route and the perplexity of base vs expert on held-out text."""
-    from ._loading import load_expert
-    from ._pull import pull
+    from .hub.loading import load_expert
+    from .hub.pull import pull
 
     pulled = pull(query, registry=DEMO_REGISTRY, endpoint=endpoint, k=3)
     route = pulled.route

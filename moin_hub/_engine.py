@@ -1,7 +1,7 @@
 """One base model, many experts: the adapter cache and batched generation behind `serve`, the Space and Ray.
 
 An :class:`ExpertEngine` holds ONE base model in memory and an LRU of PEFT adapters on it, keyed by
-``(repo_id, commit sha)``. Experts come through the verified pull path (:func:`~moin_hub._pull.download_expert`:
+``(repo_id, commit sha)``. Experts come through the verified pull path (:func:`~moin_hub.hub.pull.download_expert`:
 the registry's pinned commit, every file's sha256 checked, safetensors only); the disk tier is the HF cache.
 A switch between loaded experts is ``set_adapter``, not a reload.
 
@@ -13,7 +13,7 @@ The cache:
 - can prefetch the runner-up experts of a route in the background: downloaded to disk always, loaded into
   memory only while the cache has room (a prefetch never evicts).
 
-Several experts can be mixed (routing modes ``topk``/``adaptive``, :mod:`moin_hub._mixing`): the engine
+Several experts can be mixed (routing modes ``topk``/``adaptive``, :mod:`moin_hub.hub.mixing`): the engine
 loads each and activates a weighted ``cat`` combination of them.
 """
 
@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._config import ADAPTER_WEIGHTS_FILENAME, ExpertRecord, PinnedModel
-from ._hub import get_api, resolve_endpoint
-from ._mixing import MIXTURE_SLOT, Mixture, plan_mixture
-from ._registry import Registry, resolve_pinned
-from ._router import Router, RouteResult
 from .errors import IncompatibleExpertError, MoinHubError
+from .hub.client import get_api, resolve_endpoint
+from .hub.config import ADAPTER_WEIGHTS_FILENAME, ExpertRecord, PinnedModel
+from .hub.mixing import MIXTURE_SLOT, Mixture, plan_mixture
+from .hub.registry import Registry, resolve_pinned
+from .hub.router import Router, RouteResult
 
 logger = logging.getLogger(__name__)
 
@@ -374,7 +374,7 @@ class ExpertEngine:
 
     def plan(self, query: str, *, mode: str = "top1", k: int = 3, temperature: float = 0.05, mass: float = 0.8,
              threshold: float | None = None) -> Plan:
-        """Route ``query`` and choose its mixture (see :func:`~moin_hub._mixing.mix_weights`); prefetch the
+        """Route ``query`` and choose its mixture (see :func:`~moin_hub.hub.mixing.mix_weights`); prefetch the
         runner-ups when ``prefetch`` is set.
 
         Raises:
@@ -404,7 +404,7 @@ class ExpertEngine:
             import torch
 
             from ._evaluate import load_base
-            from ._loading import load_base_model
+            from .hub.loading import load_base_model
 
             device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
             override = self.base_model_override
@@ -481,7 +481,7 @@ class ExpertEngine:
         """Load a verified adapter folder onto the base model as ``name`` (under the lock)."""
         from peft import PeftModel
 
-        from ._loading import check_adapter_effective, quiet_peft
+        from .hub.loading import check_adapter_effective, quiet_peft
 
         base, _ = self._load_base()
         try:
@@ -511,7 +511,7 @@ class ExpertEngine:
             raise
 
     def _download(self, record: ExpertRecord) -> Path:
-        from ._pull import download_expert
+        from .hub.pull import download_expert
 
         # pull's verified download: the pinned commit, the sha256 of every file, no pickle in the repo,
         # the adapter names the registry's base model
@@ -526,7 +526,7 @@ class ExpertEngine:
         Returns:
             ``(slot, loaded_now)``.
         """
-        from ._loading import adapter_name
+        from .hub.loading import adapter_name
 
         key = (record.repo_id, record.revision)
         with self._lock:

@@ -8,7 +8,7 @@ adapters on the same texts are directly comparable.
 
 :func:`evaluate_experts` keeps ONE base model in memory and switches LoRA adapters on it
 (``load_adapter`` once per expert, then ``set_adapter``), as a MoIN server does. Given each held-out
-text's ranked experts, it also scores the routing modes of :mod:`moin_hub._mixing` (``top1``, ``topk``,
+text's ranked experts, it also scores the routing modes of :mod:`moin_hub.hub.mixing` (``top1``, ``topk``,
 ``adaptive``): texts are grouped by their mixture (weights rounded to :data:`MIX_DECIMALS` decimals), each
 distinct mixture is built once (``add_weighted_adapter`` into ``moin__mixture``, or ``set_adapter`` for a
 single expert), and each group of texts is cut into blocks on its own, as routed texts are.
@@ -26,11 +26,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._config import ADAPTER_WEIGHTS_FILENAME
-from ._expert import refuse_pickles
-from ._loading import adapter_name, quiet_peft
-from ._mixing import MIXTURE_SLOT, MODES, Mixture, apply_mixture, mix_weights
 from .errors import InvalidExpertError
+from .hub.config import ADAPTER_WEIGHTS_FILENAME
+from .hub.expert import refuse_pickles
+from .hub.loading import adapter_name, quiet_peft
+from .hub.mixing import MIXTURE_SLOT, MODES, Mixture, apply_mixture, mix_weights
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ def text_mixture(candidates: Candidates, mode: str, *, k: int = 3, temperature: 
 
     Args:
         candidates: the text's experts and their similarities to its query, best first.
-        mode / k / temperature / mass / threshold: as in :func:`~moin_hub._mixing.mix_weights`.
+        mode / k / temperature / mass / threshold: as in :func:`~moin_hub.hub.mixing.mix_weights`.
 
     Returns:
         ``((expert_id, weight), ...)`` best first, experts whose weight rounds to 0 left out (the weights
@@ -536,9 +536,9 @@ def evaluate_experts(base_model: torch.nn.Module, tokenizer: Any, expert_dirs: M
             router's choice for each held-out text (``None`` = no expert, the base model).
         ranked: optional ``{topic_id: [[(expert_id, similarity), ...] best first, one list per text]}``: the
             experts nearest each text's query. With it, every routing mode of ``modes`` is scored.
-        modes: the routing modes scored from ``ranked`` (:data:`~moin_hub._mixing.MODES`): ``top1``, ``topk``
+        modes: the routing modes scored from ``ranked`` (:data:`~moin_hub.hub.mixing.MODES`): ``top1``, ``topk``
             (softmax over the ``k`` nearest), ``adaptive`` (as few as carry ``mass`` of the softmax).
-        k / temperature / mass / threshold: the mixing parameters of :func:`~moin_hub._mixing.mix_weights`;
+        k / temperature / mass / threshold: the mixing parameters of :func:`~moin_hub.hub.mixing.mix_weights`;
             below ``threshold`` a text is scored by the base model.
         dense_dir: optional folder of the dense baseline (one LoRA trained on all topics), scored on
             every topic as ``dense_ppl``.

@@ -35,17 +35,17 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from ._config import EmbedderSpec, PinnedModel, _Serializable, utc_now
 from ._corpus import Document, describe, load_brown, load_documents
-from ._embed import download_model_dir, load_embedder
-from ._hub import get_api, resolve_endpoint
 from ._io import write_json, write_jsonl
-from ._mixing import MODES
-from ._registry import embedder_dimension, resolve_pinned
 from ._train import TRAINING_FILENAME, TopicJob, TrainConfig, is_finished, train_dense, train_experts
 from ._validators import validate_positive_int
 from ._version import __version__
 from .errors import MoinHubError
+from .hub.client import get_api, resolve_endpoint
+from .hub.config import EmbedderSpec, PinnedModel, _Serializable, utc_now
+from .hub.embed import download_model_dir, load_embedder
+from .hub.mixing import MODES
+from .hub.registry import embedder_dimension, resolve_pinned
 
 logger = logging.getLogger(__name__)
 
@@ -350,8 +350,8 @@ def evaluate(workdir: str | os.PathLike, *, endpoint: str | None = None, token: 
         endpoint / token: the Hub the base model is downloaded from.
         seq_len / batch_size: tokens per scored block, blocks per forward pass.
         max_docs_per_topic: score at most this many held-out documents per topic.
-        modes: the routing modes to score (:data:`~moin_hub._mixing.MODES`); ``()`` for none.
-        k / temperature / mass / threshold: the mixing parameters (see :func:`~moin_hub._mixing.mix_weights`);
+        modes: the routing modes to score (:data:`~moin_hub.hub.mixing.MODES`); ``()`` for none.
+        k / temperature / mass / threshold: the mixing parameters (see :func:`~moin_hub.hub.mixing.mix_weights`);
             below ``threshold`` a query gets the base model.
         plots: write the PNG plots.
 
@@ -511,8 +511,8 @@ def push_all(workdir: str | os.PathLike, *, registry: str, namespace: str, repo_
     Returns:
         The :class:`PushResult` of each expert.
     """
-    from ._push import push_expert
-    from ._registry import init_registry
+    from .hub.push import push_expert
+    from .hub.registry import init_registry
 
     workdir = Path(workdir)
     workspace = Workspace.load(workdir)
@@ -532,7 +532,7 @@ def push_all(workdir: str | os.PathLike, *, registry: str, namespace: str, repo_
                                    private=private, endpoint=endpoint, token=token))
     plots = workdir / "plots"
     if plots.is_dir() and any(plots.glob("*.png")):
-        from ._registry_plots import publish_plots
+        from .hub.registry_plots import publish_plots
 
         publish_plots(registry, plots, endpoint=endpoint, token=token)  # shown in the registry card from now on
     return results

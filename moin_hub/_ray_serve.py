@@ -62,10 +62,6 @@ from fastapi.responses import JSONResponse
 from ray.exceptions import RayTaskError
 
 from ._engine import Completion, ExpertEngine
-from ._hub import resolve_endpoint
-from ._mixing import Mixture
-from ._registry import Registry
-from ._router import Router
 from ._serve import AUTO_MODEL, BASE_MODEL, ApiError
 from ._serve import api_error as _serve_api_error
 from ._validators import short_repr, validate_positive_int, validate_repo_id
@@ -73,6 +69,10 @@ from ._version import __version__
 from .errors import (
     EmptyQueryError,
 )
+from .hub.client import resolve_endpoint
+from .hub.mixing import Mixture
+from .hub.registry import Registry
+from .hub.router import Router
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ._engine import Completion, ExpertEngine, truncate_at_stop
-from ._mixing import MODES, Mixture
 from ._version import __version__
 from .errors import (
     EmptyQueryError,
@@ -50,6 +49,7 @@ from .errors import (
     MoinHubError,
     UnsafeFileError,
 )
+from .hub.mixing import MODES, Mixture
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class ServeConfig:
 
     Args:
         mode: routing mode of ``moin:auto`` (``top1``, ``topk`` or ``adaptive``).
-        k / temperature / mass: mixing settings (see :func:`moin_hub._mixing.mix_weights`).
+        k / temperature / mass: mixing settings (see :func:`moin_hub.hub.mixing.mix_weights`).
         threshold: below this best similarity a routed request gets the base model (None: never).
         max_batch_size: most requests run together in one batch.
         batch_window_ms: how long the batcher waits for more requests of an expert before running a batch.
@@ -92,7 +92,7 @@ class ServeConfig:
     refresh_seconds: float = 60.0
 
     def __post_init__(self) -> None:
-        from ._mixing import mix_weights
+        from .hub.mixing import mix_weights
 
         mix_weights([1.0], mode=self.mode, k=self.k, temperature=self.temperature, mass=self.mass)  # validates
         if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:

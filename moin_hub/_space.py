@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from ._config import ExpertRecord
 from ._engine import DEFAULT_CACHE_SIZE, ExpertEngine
-from ._registry import Registry
-from ._router import Route, RouteResult
 from .errors import EmptyQueryError
+from .hub.config import ExpertRecord
+from .hub.registry import Registry
+from .hub.router import Route, RouteResult
 
 logger = logging.getLogger(__name__)
 

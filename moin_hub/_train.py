@@ -41,17 +41,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._config import (
-    EXPERT_METADATA_FILENAME,
-    ExpertMetadata,
-    _Serializable,
-    utc_now,
-    validate_expert_id,
-)
 from ._evaluate import autocast, build_blocks, load_base, perplexity, resolve_bf16
-from ._expert import write_centroid
 from ._io import write_json
-from ._loading import quiet_peft
 from ._validators import (
     validate_commit_sha,
     validate_finite_or_none,
@@ -61,6 +52,15 @@ from ._validators import (
 )
 from ._version import __version__
 from .errors import ExpertTrainingError, InvalidExpertError
+from .hub.config import (
+    EXPERT_METADATA_FILENAME,
+    ExpertMetadata,
+    _Serializable,
+    utc_now,
+    validate_expert_id,
+)
+from .hub.expert import write_centroid
+from .hub.loading import quiet_peft
 
 logger = logging.getLogger(__name__)
 

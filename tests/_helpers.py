@@ -58,7 +58,7 @@ def embedder_dir() -> Path:
 
 
 def load_local_embedder():  # noqa: ANN201
-    from moin_hub._embed import Embedder, embedding_dimension, load_sentence_transformer
+    from moin_hub.hub.embed import Embedder, embedding_dimension, load_sentence_transformer
 
     model = load_sentence_transformer(embedder_dir())
     return Embedder(model, embedding_dimension(model))
@@ -112,8 +112,8 @@ def write_expert(folder: Path, base_dir: Path, embedder, topic: str, *, base_rep
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from moin_hub._config import ExpertMetadata
-    from moin_hub._expert import write_centroid
+    from moin_hub.hub.config import ExpertMetadata
+    from moin_hub.hub.expert import write_centroid
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir)

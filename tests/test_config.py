@@ -9,7 +9,8 @@ import pytest
 
 import moin_hub
 from moin_hub import errors
-from moin_hub._config import (
+from moin_hub._validators import validate_query, validate_relative_path, validate_repo_id, validate_vector
+from moin_hub.hub.config import (
     EmbedderSpec,
     ExpertMetadata,
     ExpertRecord,
@@ -17,8 +18,7 @@ from moin_hub._config import (
     PinnedModel,
     RegistryManifest,
 )
-from moin_hub._registry import experts_from_parquet, experts_to_parquet
-from moin_hub._validators import validate_query, validate_relative_path, validate_repo_id, validate_vector
+from moin_hub.hub.registry import experts_from_parquet, experts_to_parquet
 
 SHA = "a" * 40
 

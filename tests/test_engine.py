@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moin_hub._engine import AdapterCache, AdapterSlot, ExpertEngine, plan_evictions, truncate_at_stop
-from moin_hub._mixing import Mixture
+from moin_hub.hub.mixing import Mixture
 from tests._helpers import QUERIES, TOPICS
 
 # ------------------------------------------------------------------------------------------ pure eviction

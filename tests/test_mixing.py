@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moin_hub._loading import adapter_name
-from moin_hub._mixing import MIXTURE_SLOT, Mixture, apply_mixture, mix_weights
+from moin_hub.hub.loading import adapter_name
+from moin_hub.hub.mixing import MIXTURE_SLOT, Mixture, apply_mixture, mix_weights
 from tests import _helpers
 from tests.conftest import BASE_REPO
 

@@ -9,7 +9,7 @@ import pytest
 from huggingface_hub import CommitOperationAdd
 
 from moin_hub import Registry, Router, errors, load_expert, pull, push_expert
-from moin_hub._config import ADAPTER_WEIGHTS_FILENAME
+from moin_hub.hub.config import ADAPTER_WEIGHTS_FILENAME
 from tests._helpers import QUERIES
 from tests.test_registry import run_python
 

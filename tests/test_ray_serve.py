@@ -25,7 +25,7 @@ import pytest
 from huggingface_hub import constants
 
 from moin_hub import init_registry, push_expert
-from moin_hub._expert import write_centroid
+from moin_hub.hub.expert import write_centroid
 from tests import _helpers
 from tests._helpers import QUERIES, free_port
 from tests.conftest import BASE_REPO, EMBEDDER_REPO

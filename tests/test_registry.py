@@ -13,8 +13,8 @@ import pytest
 from huggingface_hub import ModelCard, hf_hub_download
 
 from moin_hub import Registry, errors, init_registry, push_expert
-from moin_hub._config import EXPERTS_FILENAME, MANIFEST_FILENAME, VERIFIED_EXPERT_FILES
-from moin_hub._hub import sha256_file
+from moin_hub.hub.client import sha256_file
+from moin_hub.hub.config import EXPERTS_FILENAME, MANIFEST_FILENAME, VERIFIED_EXPERT_FILES
 from tests.conftest import BASE_REPO, EMBEDDER_REPO
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,7 +107,7 @@ def test_push_refuses_bad_experts_without_writing(hub, api, registry_id, make_ex
         push_expert(folder, registry=registry_id, repo_id="test-org/bad-1", endpoint=hub.url)
 
     wrong_dim = make_expert("astronomy")
-    from moin_hub._expert import write_centroid
+    from moin_hub.hub.expert import write_centroid
 
     write_centroid(wrong_dim / "centroid.safetensors", [1.0] * 10)
     with pytest.raises(errors.EmbedderMismatchError, match="384"):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from moin_hub import Registry, Router
-from moin_hub import _router as router_mod
-from moin_hub._config import EmbedderSpec, ExpertRecord, PinnedModel, RegistryManifest
-from moin_hub._router import ExpertIndex, build_index, registry_index, resolve_index_kind, valid_hits
+from moin_hub.hub import router as router_mod
+from moin_hub.hub.config import EmbedderSpec, ExpertRecord, PinnedModel, RegistryManifest
+from moin_hub.hub.router import ExpertIndex, build_index, registry_index, resolve_index_kind, valid_hits
 
 DIM = 32
 ENDPOINT = "http://127.0.0.1:9"

@@ -14,8 +14,8 @@ import pytest
 from huggingface_hub import constants
 
 from moin_hub._engine import ExpertEngine
-from moin_hub._mixing import Mixture
 from moin_hub._serve import ExpertBatcher, Job, ServeConfig, next_batch, start_server
+from moin_hub.hub.mixing import Mixture
 from tests._helpers import QUERIES, TOPICS, free_port
 from tests.reliability._tools import raw_request
 

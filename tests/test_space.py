@@ -22,9 +22,9 @@ from click.testing import CliRunner
 from huggingface_hub import constants
 
 from moin_hub import errors, push_expert
-from moin_hub._config import ADAPTER_WEIGHTS_FILENAME
 from moin_hub._engine import AdapterCache, AdapterSlot, parse_base_model, plan_evictions
 from moin_hub._space import SpaceEngine, centroid_map, check_text, next_token
+from moin_hub.hub.config import ADAPTER_WEIGHTS_FILENAME
 from tests._helpers import QUERIES, TOPICS, free_port
 from tests.conftest import BASE_REPO
 
@@ -247,7 +247,7 @@ def test_a_new_expert_shows_up_after_refresh(hub, space, make_expert):
         summary, table, _, _ = space.client.predict(api_name="/browse")
         assert "baking" in [r["expert"] for r in _table(table)] and "moved" in summary
     finally:
-        from moin_hub._registry import remove_expert_rows, update_registry
+        from moin_hub.hub.registry import remove_expert_rows, update_registry
 
         update_registry(space.registry_id, remove_expert_rows("baking"), commit_message="remove", endpoint=hub.url)
         space.client.predict(api_name="/browse")

@@ -9,8 +9,8 @@ import pytest
 from huggingface_hub import DatasetCard, ModelCard, hf_hub_download
 
 from moin_hub import Registry, errors, push_expert
-from moin_hub._cards import change_cell, example_prompt, expert_card, plot_title, registry_card
-from moin_hub._registry_plots import publish_plots
+from moin_hub.hub.cards import change_cell, example_prompt, expert_card, plot_title, registry_card
+from moin_hub.hub.registry_plots import publish_plots
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from moin_hub._config import ExpertMetadata
 from moin_hub._evaluate import build_blocks, evaluate_experts, load_base, perplexity
-from moin_hub._expert import ExpertFolder
 from moin_hub._train import TopicJob, TrainConfig, train_dense, train_expert, train_experts
 from moin_hub.errors import ExpertTrainingError, InvalidExpertError, MoinHubError
+from moin_hub.hub.config import ExpertMetadata
+from moin_hub.hub.expert import ExpertFolder
 from tests._tiny import TOPIC_TEXTS
 
 BASE_REPO = "test-org/tiny-llama"
@@ -287,7 +287,7 @@ def _manual_mixture_ppl(tiny_base, trained, weights: dict[str, float], texts) ->
     import torch.nn.functional as F
     from peft import PeftModel
 
-    from moin_hub._loading import adapter_name, quiet_peft
+    from moin_hub.hub.loading import adapter_name, quiet_peft
 
     model, tokenizer = load_base(tiny_base)
     if weights:
@@ -314,7 +314,7 @@ def test_routing_modes_are_scored_with_mixtures_built_once(trained, tiny_base, m
     from peft.tuners.lora import LoraModel
 
     from moin_hub._evaluate import MIX_DECIMALS
-    from moin_hub._mixing import mix_weights
+    from moin_hub.hub.mixing import mix_weights
 
     built = []
     real_add = LoraModel.add_weighted_adapter  # PeftModel.add_weighted_adapter delegates to it

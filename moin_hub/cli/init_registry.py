@@ -32,7 +32,7 @@ def command(registry_id: str, base_model: str, base_revision: str | None, embedd
     Base model and embedder are pinned to commit shas at creation; every expert pushed later must
     be a LoRA adapter of that base model with a centroid from that embedder.
     """
-    from .._registry import init_registry
+    from ..hub.registry import init_registry
 
     registry = init_registry(
         registry_id, base_model=base_model, embedder=embedder, base_revision=base_revision,

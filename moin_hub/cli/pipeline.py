@@ -151,7 +151,7 @@ def train_command(workdir: Path, rank: int, alpha: float, target_modules: str, l
 # ------------------------------------------------------------------------------------------ evaluate
 
 
-MODE_NAMES = ("top1", "topk", "adaptive")  # moin_hub._mixing.MODES, without importing torch for --help
+MODE_NAMES = ("top1", "topk", "adaptive")  # moin_hub.hub.mixing.MODES, without importing torch for --help
 
 
 def _parse_modes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:

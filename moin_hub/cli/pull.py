@@ -33,7 +33,7 @@ def command(registry: str, query: str | None, expert: str | None, k: int, local_
     Every file's sha256 is checked against the registry; a mismatch is refused and nothing is
     loaded. Prints the route (expert, similarity, runner-ups) and the local path.
     """
-    from .._pull import pull
+    from ..hub.pull import pull
 
     if (query is None) == (expert is None):
         raise click.UsageError("give exactly one of --query or --expert")

@@ -37,7 +37,7 @@ def command(expert_dir: Path, registry: str, repo_id: str, expert_id: str | None
     perplexities and usage. The registry row pins the new commit and the sha256 of every file;
     concurrent pushers never lose a row (optimistic commits, retried on conflict).
     """
-    from .._push import push_expert
+    from ..hub.push import push_expert
 
     result = push_expert(expert_dir, registry=registry, repo_id=repo_id, expert_id=expert_id, private=private,
                          commit_message=message, endpoint=endpoint, token=token, max_retries=max_retries)

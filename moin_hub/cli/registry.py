@@ -18,7 +18,7 @@ def command() -> None:
 @hub_options
 def show(registry: str, revision: str | None, endpoint: str | None, token: str | None, output_format: str) -> None:
     """List the experts of a registry with their keywords and perplexities."""
-    from .._registry import Registry
+    from ..hub.registry import Registry
 
     reg = Registry.load(registry, revision=revision, endpoint=endpoint, token=token)
     data = {
@@ -51,8 +51,8 @@ def verify(registry: str, revision: str | None, endpoint: str | None, token: str
     """
     import sys
 
-    from .._pull import verify_registry
-    from .._registry import Registry
+    from ..hub.pull import verify_registry
+    from ..hub.registry import Registry
 
     report = verify_registry(Registry.load(registry, revision=revision, endpoint=endpoint, token=token),
                              token=token)

@@ -26,7 +26,7 @@ def command(expert: str, registry: str, delete_repo: bool, max_retries: int, end
     lose each other's changes). With --delete-repo the expert's model repo is deleted afterwards,
     so no row ever points at a deleted repo.
     """
-    from .._push import remove_expert
+    from ..hub.push import remove_expert
 
     result = remove_expert(expert, registry=registry, delete_repo=delete_repo, endpoint=endpoint, token=token,
                            max_retries=max_retries)

@@ -56,8 +56,8 @@ def command(registry: str, query: str, k: int, mode: str, mass: float, temperatu
     Also prints the mixture the query would get in --mode: which experts, with which weights
     (none when the best similarity is below --threshold: the base model answers).
     """
-    from .._mixing import plan_mixture
-    from .._router import Router
+    from ..hub.mixing import plan_mixture
+    from ..hub.router import Router
 
     result = Router.from_registry(registry, revision=revision, endpoint=endpoint, token=token).route(query, k=k)
     mixture = plan_mixture(result, mode=mode, k=k, temperature=temperature, mass=mass, threshold=threshold)

@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from moin_hub._pull import verify_registry
-from moin_hub._registry import Registry
+from moin_hub.hub.pull import verify_registry
+from moin_hub.hub.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,7 @@ def no_leftover_faults(hub):
 def quick_retries(monkeypatch):
     """Three attempts per Hub operation (the default is 6), so that persistent faults fail fast."""
     monkeypatch.setenv("MOIN_HUB_ATTEMPTS", "3")
-    import moin_hub._retry as retry
+    import moin_hub.hub.retry as retry
 
     monkeypatch.setattr(retry, "backoff", lambda attempt, **_: 0.05 * (attempt + 1))
 

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from moin_hub import LocalHub, Router, push_expert
-from moin_hub._registry import experts_from_parquet
 from moin_hub._validators import validate_query, validate_repo_id
 from moin_hub.errors import EmptyQueryError, InvalidRegistryError, MoinHubError
+from moin_hub.hub.registry import experts_from_parquet
 from tests.reliability._tools import raw_request
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))

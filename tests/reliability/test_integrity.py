@@ -8,9 +8,9 @@ import pytest
 from huggingface_hub import CommitOperationAdd, HfApi
 
 from moin_hub import Registry, load_expert, pull, push_expert
-from moin_hub._push import _commit_expert
-from moin_hub._registry import file_digest, update_registry, upsert_expert
 from moin_hub.errors import BaseModelMismatchError, MoinHubError, UnsafeFileError
+from moin_hub.hub.push import _commit_expert
+from moin_hub.hub.registry import file_digest, update_registry, upsert_expert
 from tests.reliability._tools import consistency_problems
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 from huggingface_hub import snapshot_download
 
-from ._config import EmbedderSpec
-from ._expert import refuse_pickles
-from ._hub import resolve_endpoint
-from ._retry import retry_transient
-from .errors import EmbedderMismatchError, MoinHubError
+from ..errors import EmbedderMismatchError, MoinHubError
+from .client import resolve_endpoint
+from .config import EmbedderSpec
+from .expert import refuse_pickles
+from .retry import retry_transient
 
 #: Files fetched for an embedder or a base model: configs, tokenizers, safetensors weights.
 SAFE_MODEL_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja")

@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from ._hub import http_status
-from .errors import HubUnavailableError
+from ..errors import HubUnavailableError
+from .client import http_status
 
 logger = logging.getLogger(__name__)
 

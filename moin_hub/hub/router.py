@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from ._config import ExpertRecord
-from ._embed import Embedder, load_embedder
-from ._registry import Registry
-from ._validators import is_commit_sha, validate_positive_int, validate_query, validate_vector
-from .errors import ExpertNotFoundError
+from .._validators import is_commit_sha, validate_positive_int, validate_query, validate_vector
+from ..errors import ExpertNotFoundError
+from .config import ExpertRecord
+from .embed import Embedder, load_embedder
+from .registry import Registry
 
 logger = logging.getLogger(__name__)
 

@@ -17,11 +17,13 @@ from pathlib import Path
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
-from . import _cards
-from ._config import VERIFIED_EXPERT_FILES, ExpertRecord
-from ._expert import ExpertFolder
-from ._hub import get_api, http_status, resolve_endpoint
-from ._registry import (
+from .._validators import validate_repo_id
+from ..errors import BaseModelMismatchError
+from . import cards
+from .client import get_api, http_status, resolve_endpoint
+from .config import VERIFIED_EXPERT_FILES, ExpertRecord
+from .expert import ExpertFolder
+from .registry import (
     DEFAULT_MAX_RETRIES,
     Registry,
     file_digest,
@@ -29,9 +31,7 @@ from ._registry import (
     update_registry,
     upsert_expert,
 )
-from ._retry import backoff, retry_transient
-from ._validators import validate_repo_id
-from .errors import BaseModelMismatchError
+from .retry import backoff, retry_transient
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _check_base_model(folder: ExpertFolder, registry: Registry, repo_id: str) ->
 def _card_text(record: ExpertRecord, folder: ExpertFolder, registry: Registry) -> str:
     """The rendered card; a failure to render warns and falls back to a minimal card (never aborts)."""
     try:
-        card = _cards.expert_card(record, registry.manifest, registry_id=registry.registry_id,
+        card = cards.expert_card(record, registry.manifest, registry_id=registry.registry_id,
                                   endpoint=registry.endpoint, samples=folder.metadata.samples[:3],
                                   eval_tokens=folder.metadata.eval_tokens)
         return str(card)

@@ -29,10 +29,10 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
 
-from ._hub import sha256_file
-from ._validators import validate_repo_id
-from ._version import __version__
-from .errors import AssetNotFoundError, UnsafeFileError
+from .._validators import validate_repo_id
+from .._version import __version__
+from ..errors import AssetNotFoundError, UnsafeFileError
+from .client import sha256_file
 
 logger = logging.getLogger(__name__)
 

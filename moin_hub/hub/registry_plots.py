@@ -1,7 +1,7 @@
 """Put a workspace's plots (``plots/*.png`` from ``moin-hub evaluate``) into a registry and show them in its card.
 
 One commit adds the images under ``plots/`` in the registry dataset repo and re-renders ``README.md``
-with a "Plots" section; it is an ordinary registry write (:func:`~moin_hub._registry.update_registry`):
+with a "Plots" section; it is an ordinary registry write (:func:`~moin_hub.hub.registry.update_registry`):
 conflict-safe, retried on 412 and on transient failures.
 """
 
@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ._config import PLOT_SUFFIXES, PLOTS_DIR
-from ._registry import DEFAULT_MAX_RETRIES, update_registry
-from ._validators import validate_relative_path
-from .errors import MoinHubError, UnsafeFileError
+from .._validators import validate_relative_path
+from ..errors import MoinHubError, UnsafeFileError
+from .config import PLOT_SUFFIXES, PLOTS_DIR
+from .registry import DEFAULT_MAX_RETRIES, update_registry
 
 
 def plot_files(source: str | Path | Sequence[str | Path]) -> list[Path]:

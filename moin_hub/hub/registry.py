@@ -29,19 +29,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from huggingface_hub import CommitOperationAdd, HfApi
 
-from . import _cards
-from ._config import (
-    EXPERTS_FILENAME,
-    MANIFEST_FILENAME,
-    PLOT_SUFFIXES,
-    PLOTS_DIR,
-    EmbedderSpec,
-    ExpertRecord,
-    FileDigest,
-    PinnedModel,
-    RegistryManifest,
+from .._validators import validate_repo_id, validate_vector
+from ..errors import (
+    ExpertNotFoundError,
+    HubUnavailableError,
+    InvalidRegistryError,
+    MoinHubError,
+    RegistryConflictError,
+    RegistryNotFoundError,
 )
-from ._hub import (
+from . import cards
+from .client import (
     EntryNotFoundError,
     HfHubHTTPError,
     RepositoryNotFoundError,
@@ -52,16 +50,18 @@ from ._hub import (
     resolve_endpoint,
     sha256_file,
 )
-from ._retry import backoff, default_attempts, is_transient, retry_transient
-from ._validators import validate_repo_id, validate_vector
-from .errors import (
-    ExpertNotFoundError,
-    HubUnavailableError,
-    InvalidRegistryError,
-    MoinHubError,
-    RegistryConflictError,
-    RegistryNotFoundError,
+from .config import (
+    EXPERTS_FILENAME,
+    MANIFEST_FILENAME,
+    PLOT_SUFFIXES,
+    PLOTS_DIR,
+    EmbedderSpec,
+    ExpertRecord,
+    FileDigest,
+    PinnedModel,
+    RegistryManifest,
 )
+from .retry import backoff, default_attempts, is_transient, retry_transient
 
 logger = logging.getLogger(__name__)
 
@@ -348,7 +348,7 @@ def init_registry(registry_id: str, *, base_model: str, embedder: str, base_revi
         )
     api.create_repo(registry_id, repo_type="dataset", private=private, exist_ok=True)
     head = api.dataset_info(registry_id).sha
-    card = _cards.registry_card(manifest, [], registry_id=registry_id, endpoint=endpoint)
+    card = cards.registry_card(manifest, [], registry_id=registry_id, endpoint=endpoint)
     operations = [
         CommitOperationAdd(MANIFEST_FILENAME, json.dumps(manifest.to_dict(), indent=2).encode() + b"\n"),
         CommitOperationAdd(EXPERTS_FILENAME, experts_to_parquet([])),
@@ -411,7 +411,7 @@ def update_registry(registry_id: str, mutate: Mutation, *, commit_message: str, 
         if rows == list(snapshot.experts) and not extra_files:  # nothing to change (e.g. a retried update)
             return Registry(registry_id, head, snapshot.manifest, rows, endpoint=endpoint, token=token)
         plots = sorted({*plots, *(path for path in extra_files or {} if is_plot_path(path))})
-        card = _cards.registry_card(snapshot.manifest, rows, registry_id=registry_id, endpoint=endpoint,
+        card = cards.registry_card(snapshot.manifest, rows, registry_id=registry_id, endpoint=endpoint,
                                     plots=plots)
         operations = [CommitOperationAdd(path, str(local)) for path, local in (extra_files or {}).items()]
         operations += [

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ._config import ADAPTER_WEIGHTS_FILENAME, PinnedModel
-from ._embed import download_model_dir
-from ._hub import resolve_endpoint
-from ._pull import PullResult
-from .errors import MoinHubError
+from ..errors import MoinHubError
+from .client import resolve_endpoint
+from .config import ADAPTER_WEIGHTS_FILENAME, PinnedModel
+from .embed import download_model_dir
+from .pull import PullResult
 
 #: PEFT adapter names are prefixed so that no adapter name is a substring of a module name
 #: (peft's hotswap matches keys by substring; see OFFLINE_ASSETS.md).

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._loading import adapter_name
-from ._validators import validate_positive_int
+from .._validators import validate_positive_int
+from .loading import adapter_name
 
 MODES = ("top1", "topk", "adaptive")
 #: The adapter slot that holds a mixture of several experts.
@@ -94,7 +94,7 @@ class Mixture:
 
 def plan_mixture(route: Any, *, mode: str = "top1", k: int = 3, temperature: float = 0.05, mass: float = 0.8,
                  threshold: float | None = None) -> Mixture:
-    """The :class:`Mixture` of a :class:`~moin_hub._router.RouteResult` (experts with weight 0 left out)."""
+    """The :class:`Mixture` of a :class:`~moin_hub.hub.router.RouteResult` (experts with weight 0 left out)."""
     weights = mix_weights([r.similarity for r in route.routes], mode=mode, k=k, temperature=temperature,
                           mass=mass, threshold=threshold)
     kept = [(r.expert.expert_id, w) for r, w in zip(route.routes, weights, strict=False) if w > 0]

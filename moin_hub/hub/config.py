@@ -14,7 +14,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from ._validators import (
+from .._validators import (
     is_commit_sha,
     short_repr,
     validate_commit_sha,
@@ -23,7 +23,7 @@ from ._validators import (
     validate_relative_path,
     validate_repo_id,
 )
-from ._version import __version__
+from .._version import __version__
 
 #: Version of the registry layout (`moin_registry.json` + `experts.parquet`) this code writes.
 REGISTRY_FORMAT_VERSION = 1

@@ -21,15 +21,15 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from ._config import (
+from .._validators import validate_vector
+from ..errors import InvalidExpertError, UnsafeFileError
+from .config import (
     ADAPTER_CONFIG_FILENAME,
     ADAPTER_WEIGHTS_FILENAME,
     CENTROID_FILENAME,
     EXPERT_METADATA_FILENAME,
     ExpertMetadata,
 )
-from ._validators import validate_vector
-from .errors import InvalidExpertError, UnsafeFileError
 
 #: File suffixes that may hold pickles; moin-hub never loads them and refuses folders that ship them.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")

@@ -7,13 +7,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._config import ADAPTER_CONFIG_FILENAME, ADAPTER_WEIGHTS_FILENAME, ExpertRecord, PinnedModel
-from ._expert import refuse_pickles
-from ._hub import RepositoryNotFoundError, RevisionNotFoundError, download_file, get_api, sha256_file
-from ._registry import Registry
-from ._retry import retry_transient
-from ._router import Router, RouteResult
-from .errors import BaseModelMismatchError, ExpertNotFoundError, IntegrityError, InvalidRegistryError
+from ..errors import BaseModelMismatchError, ExpertNotFoundError, IntegrityError, InvalidRegistryError
+from .client import RepositoryNotFoundError, RevisionNotFoundError, download_file, get_api, sha256_file
+from .config import ADAPTER_CONFIG_FILENAME, ADAPTER_WEIGHTS_FILENAME, ExpertRecord, PinnedModel
+from .expert import refuse_pickles
+from .registry import Registry
+from .retry import retry_transient
+from .router import Router, RouteResult
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def verify_registry(registry: str | Registry, *, endpoint: str | None = None, to
     Returns:
         A :class:`VerifyReport`; ``problems`` maps expert ids to one-line reasons.
     """
-    from .errors import MoinHubError
+    from ..errors import MoinHubError
 
     reg = registry if isinstance(registry, Registry) else Registry.load(registry, endpoint=endpoint, token=token)
     problems = {}

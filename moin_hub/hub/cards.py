@@ -17,8 +17,8 @@ from typing import Any
 import jinja2
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 
-from ._config import EXPERTS_FILENAME, ExpertRecord, RegistryManifest
-from ._version import __version__
+from .._version import __version__
+from .config import EXPERTS_FILENAME, ExpertRecord, RegistryManifest
 
 EXPERT_TEMPLATE = "expert_card.md"
 REGISTRY_TEMPLATE = "registry_card.md"
@@ -29,7 +29,7 @@ def cards_dir() -> Path:
     packaged = resources.files("moin_hub") / "cards"
     if packaged.is_dir():
         return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "cards"
+    return Path(__file__).resolve().parents[2] / "cards"
 
 
 @functools.lru_cache(maxsize=1)
