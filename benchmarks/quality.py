@@ -59,7 +59,8 @@ def main() -> int:
     from huggingface_hub import HfApi
 
     from moin_hub._hub_server import LocalHub
-    from moin_hub._pipeline import (
+    from moin_hub.hub.assets import publish_default_assets
+    from moin_hub.pipeline.steps import (
         base_model_dir,
         cluster,
         evaluate,
@@ -68,8 +69,7 @@ def main() -> int:
         resolve_models,
         train,
     )
-    from moin_hub._train import TRAINING_FILENAME, TrainConfig, train_experts
-    from moin_hub.hub.assets import publish_default_assets
+    from moin_hub.pipeline.train import TRAINING_FILENAME, TrainConfig, train_experts
 
     root = Path(tempfile.mkdtemp(prefix="moin-bench-"))
     work = args.keep or root / "work"

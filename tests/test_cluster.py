@@ -12,7 +12,8 @@ import pytest
 from safetensors import safe_open
 from sklearn.decomposition import PCA
 
-from moin_hub._cluster import (
+from moin_hub.errors import EmbedderMismatchError, InvalidTopicModelError, MoinHubError, UnsafeFileError
+from moin_hub.pipeline.cluster import (
     TopicModel,
     _topic_model,
     cluster_documents,
@@ -23,7 +24,6 @@ from moin_hub._cluster import (
     project_2d,
     score_against_labels,
 )
-from moin_hub.errors import EmbedderMismatchError, InvalidTopicModelError, MoinHubError, UnsafeFileError
 
 TOPIC_SENTENCES = {
     "cooking": [

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from moin_hub import _corpus
-from moin_hub._corpus import (
+from moin_hub.errors import AssetNotFoundError, InvalidCorpusError, MoinHubError, UnsafeFileError
+from moin_hub.pipeline import corpus as _corpus
+from moin_hub.pipeline.corpus import (
     BROWN_GROUPS,
     Document,
     balanced_subset,
@@ -31,7 +32,6 @@ from moin_hub._corpus import (
     split_sources,
     stratified_order,
 )
-from moin_hub.errors import AssetNotFoundError, InvalidCorpusError, MoinHubError, UnsafeFileError
 
 # --------------------------------------------------------------------------------------------------
 # A fake Brown corpus
@@ -471,7 +471,7 @@ def real_brown(monkeypatch):
         try:
             return brown_dir(fetch=False)
         except AssetNotFoundError as err:
-            pytest.skip(f"the Brown Corpus is not cached ({err}); fetch it once with moin_hub._corpus.brown_dir()")
+            pytest.skip(f"the Brown Corpus is not cached ({err}); fetch it once with moin_hub.pipeline.corpus.brown_dir()")
     return brown_dir()
 
 

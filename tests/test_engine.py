@@ -168,8 +168,8 @@ def test_per_row_lora_matches_peft_adapter_names(tiny_base, embedder, tmp_path):
     import torch
     from peft import PeftModel
 
-    from moin_hub._evaluate import load_base
     from moin_hub._lora_batch import per_row_lora, supports
+    from moin_hub.pipeline.evaluate import load_base
     from tests import _helpers
     from tests.conftest import BASE_REPO
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from moin_hub._evaluate import build_blocks, evaluate_experts, load_base, perplexity
-from moin_hub._train import TopicJob, TrainConfig, train_dense, train_expert, train_experts
 from moin_hub.errors import ExpertTrainingError, InvalidExpertError, MoinHubError
 from moin_hub.hub.config import ExpertMetadata
 from moin_hub.hub.expert import ExpertFolder
+from moin_hub.pipeline.evaluate import build_blocks, evaluate_experts, load_base, perplexity
+from moin_hub.pipeline.train import TopicJob, TrainConfig, train_dense, train_expert, train_experts
 from tests._tiny import TOPIC_TEXTS
 
 BASE_REPO = "test-org/tiny-llama"
@@ -102,7 +102,7 @@ def test_finished_expert_is_not_retrained(trained):
 
 
 def test_crash_leaves_no_half_expert_and_rerun_completes(tiny_base, tmp_path, monkeypatch):
-    from moin_hub import _train
+    from moin_hub.pipeline import train as _train
 
     real_step, calls = _train._train_step, []
 
@@ -313,8 +313,8 @@ def _manual_mixture_ppl(tiny_base, trained, weights: dict[str, float], texts) ->
 def test_routing_modes_are_scored_with_mixtures_built_once(trained, tiny_base, monkeypatch):
     from peft.tuners.lora import LoraModel
 
-    from moin_hub._evaluate import MIX_DECIMALS
     from moin_hub.hub.mixing import mix_weights
+    from moin_hub.pipeline.evaluate import MIX_DECIMALS
 
     built = []
     real_add = LoraModel.add_weighted_adapter  # PeftModel.add_weighted_adapter delegates to it
@@ -394,7 +394,7 @@ def test_evaluate_experts_refuses_bad_modes_and_rankings(kwargs, message):
 
 
 def test_bf16_auto_follows_the_hardware(monkeypatch):
-    from moin_hub import _evaluate
+    from moin_hub.pipeline import evaluate as _evaluate
 
     assert _evaluate.resolve_bf16(True, "cpu") is True and _evaluate.resolve_bf16(False, "cpu") is False
     for fast in (True, False):

@@ -33,7 +33,7 @@ def command(out: Path, max_files: int, k: int, tokens_per_expert: int, workers: 
     pushes them into a registry, and routes example queries to their experts. The defaults
     finish in about 10 minutes on 2 CPU cores.
     """
-    from .._demo import DemoConfig, run_demo
+    from ..pipeline.demo import DemoConfig, run_demo
 
     config = DemoConfig(max_files=max_files, k=k, tokens_per_expert=tokens_per_expert, workers=workers,
                         dense=dense, port=port)

@@ -63,7 +63,7 @@ def cluster_command(workdir: Path, corpus: str, text_column: str, split: str, ma
     Held-out documents (whole source files) are assigned to topics too. With labels (Brown genre
     groups), cluster purity and NMI are reported. The base model and embedder are pinned to commits.
     """
-    from .._pipeline import cluster, load_corpus, resolve_models
+    from ..pipeline.steps import cluster, load_corpus, resolve_models
 
     base, emb = resolve_models(base_model, embedder, base_revision=base_revision,
                                embedder_revision=embedder_revision, endpoint=endpoint, token=token)
@@ -76,7 +76,7 @@ def cluster_command(workdir: Path, corpus: str, text_column: str, split: str, ma
             "heldout_documents": len(heldout)}
 
     def text() -> str:
-        from .._pipeline import _topics
+        from ..pipeline.steps import _topics
 
         topics = _topics(workdir)
         lines = [f"{len(train)} training / {len(heldout)} held-out documents -> {topics.num_topics} topics "
@@ -131,8 +131,8 @@ def train_command(workdir: Path, rank: int, alpha: float, target_modules: str, l
     finished: rerun after a crash and only the missing experts train. A failure loses only that
     expert; the others are kept and the failures are listed.
     """
-    from .._pipeline import train
-    from .._train import TrainConfig
+    from ..pipeline.steps import train
+    from ..pipeline.train import TrainConfig
 
     config = TrainConfig(rank=rank, alpha=alpha, target_modules=tuple(m.strip() for m in target_modules.split(",")
                                                                       if m.strip()),
@@ -198,7 +198,7 @@ def evaluate_command(workdir: Path, seq_len: int, max_docs_per_topic: int | None
     one line per mode with its perplexity and mean experts per document; json: "modes" in
     report["perplexity"]["overall"] and in each topic.
     """
-    from .._pipeline import evaluate
+    from ..pipeline.steps import evaluate
 
     report = evaluate(workdir, endpoint=endpoint, token=token, seq_len=seq_len, max_docs_per_topic=max_docs_per_topic,
                       modes=modes, k=k, temperature=temperature, mass=mass, threshold=threshold, plots=not no_plots)
@@ -262,7 +262,7 @@ def push_all_command(workdir: Path, registry: str, namespace: str, repo_prefix: 
     The registry is created if missing (pinned to the workspace's base model and embedder). Each
     expert's repo gets its adapter, centroid, keywords, samples and perplexities in its card.
     """
-    from .._pipeline import push_all
+    from ..pipeline.steps import push_all
 
     results = push_all(workdir, registry=registry, namespace=namespace, repo_prefix=repo_prefix,
                        create_registry=not no_create, private=private, endpoint=endpoint, token=token,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._train import TrainConfig
+from .train import TrainConfig
 
 DEMO_QUERIES = (
     "The senator told reporters that the committee would vote on the new tax bill next week.",
@@ -62,9 +62,9 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, echo: Callabl
     """
     from huggingface_hub import HfApi
 
-    from ._hub_server import LocalHub
-    from ._pipeline import cluster, evaluate, load_corpus, push_all, resolve_models, train
-    from .hub.assets import publish_default_assets
+    from .._hub_server import LocalHub
+    from ..hub.assets import publish_default_assets
+    from .steps import cluster, evaluate, load_corpus, push_all, resolve_models, train
 
     config = config or DemoConfig()
     out = Path(out)
@@ -95,7 +95,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, echo: Callabl
         corpus_train, heldout, info = load_corpus("brown", max_files=config.max_files)
         workspace = cluster(work, corpus_train, heldout, base_model=base, embedder=embedder, k=config.k,
                             corpus_info=info, endpoint=hub.url, progress=progress)
-        from ._pipeline import _topics
+        from .steps import _topics
 
         topics = _topics(work)
         for i, size in enumerate(topics.sizes):
@@ -114,7 +114,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, echo: Callabl
         done = step("evaluate", "Scoring on held-out Brown files: base vs routed vs oracle"
                                 + (" vs dense" if config.dense else ""))
         report = evaluate(work, endpoint=hub.url, max_docs_per_topic=config.eval_docs_per_topic)
-        from .cli.pipeline import format_report
+        from ..cli.pipeline import format_report
 
         echo("\n".join("   " + line for line in format_report(report).splitlines()))
         done()
@@ -152,8 +152,8 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, echo: Callabl
 
 def _answer(query: str, endpoint: str, echo: Callable[[str], None]) -> dict[str, Any]:
     """Route and pull one query; print the route and the perplexity of base vs expert on held-out text."""
-    from .hub.loading import load_expert
-    from .hub.pull import pull
+    from ..hub.loading import load_expert
+    from ..hub.pull import pull
 
     pulled = pull(query, registry=DEMO_REGISTRY, endpoint=endpoint, k=3)
     route = pulled.route

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidExpertError
-from .hub.config import ADAPTER_WEIGHTS_FILENAME
-from .hub.expert import refuse_pickles
-from .hub.loading import adapter_name, quiet_peft
-from .hub.mixing import MIXTURE_SLOT, MODES, Mixture, apply_mixture, mix_weights
+from ..errors import InvalidExpertError
+from ..hub.config import ADAPTER_WEIGHTS_FILENAME
+from ..hub.expert import refuse_pickles
+from ..hub.loading import adapter_name, quiet_peft
+from ..hub.mixing import MIXTURE_SLOT, MODES, Mixture, apply_mixture, mix_weights
 
 logger = logging.getLogger(__name__)
 

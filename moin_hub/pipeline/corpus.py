@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._validators import validate_positive_int, validate_relative_path, validate_repo_id
-from .errors import AssetNotFoundError, InvalidCorpusError, UnsafeFileError
-from .hub.assets import atomic_folder, cache_root, is_complete
+from .._validators import validate_positive_int, validate_relative_path, validate_repo_id
+from ..errors import AssetNotFoundError, InvalidCorpusError, UnsafeFileError
+from ..hub.assets import atomic_folder, cache_root, is_complete
 
 __all__ = [
     "BROWN_GENRES",

@@ -41,26 +41,26 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._evaluate import autocast, build_blocks, load_base, perplexity, resolve_bf16
-from ._io import write_json
-from ._validators import (
+from .._validators import (
     validate_commit_sha,
     validate_finite_or_none,
     validate_positive_int,
     validate_repo_id,
     validate_vector,
 )
-from ._version import __version__
-from .errors import ExpertTrainingError, InvalidExpertError
-from .hub.config import (
+from .._version import __version__
+from ..errors import ExpertTrainingError, InvalidExpertError
+from ..hub.config import (
     EXPERT_METADATA_FILENAME,
     ExpertMetadata,
     _Serializable,
     utc_now,
     validate_expert_id,
 )
-from .hub.expert import write_centroid
-from .hub.loading import quiet_peft
+from ..hub.expert import write_centroid
+from ..hub.loading import quiet_peft
+from .evaluate import autocast, build_blocks, load_base, perplexity, resolve_bf16
+from .io import write_json
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ def write_plots(workdir: str | Path, report: dict[str, Any], topics: Any) -> lis
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_perplexity(report, out / "perplexity_per_expert.png"),
              plot_sizes(topics, out / "documents_per_topic.png")]
-    from ._pipeline import read_embeddings
+    from .steps import read_embeddings
 
     embeddings = read_embeddings(workdir)["train"]
     paths.append(plot_map(embeddings, topics, out / "topic_map.png"))
@@ -82,7 +82,7 @@ def plot_map(embeddings: np.ndarray, topics: Any, path: Path) -> Path:
 
     A centroid is a unit vector, longer than the mean of its members, so it would be drawn outside its
     cloud; the cross is the mean of the members' projections (PCA is linear: the same direction)."""
-    from ._cluster import project_2d
+    from .cluster import project_2d
 
     plt = _pyplot()
     points, _ = project_2d(embeddings, topics.centroids)

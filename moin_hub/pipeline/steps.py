@@ -35,17 +35,17 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from ._corpus import Document, describe, load_brown, load_documents
-from ._io import write_json, write_jsonl
-from ._train import TRAINING_FILENAME, TopicJob, TrainConfig, is_finished, train_dense, train_experts
-from ._validators import validate_positive_int
-from ._version import __version__
-from .errors import MoinHubError
-from .hub.client import get_api, resolve_endpoint
-from .hub.config import EmbedderSpec, PinnedModel, _Serializable, utc_now
-from .hub.embed import download_model_dir, load_embedder
-from .hub.mixing import MODES
-from .hub.registry import embedder_dimension, resolve_pinned
+from .._validators import validate_positive_int
+from .._version import __version__
+from ..errors import MoinHubError
+from ..hub.client import get_api, resolve_endpoint
+from ..hub.config import EmbedderSpec, PinnedModel, _Serializable, utc_now
+from ..hub.embed import download_model_dir, load_embedder
+from ..hub.mixing import MODES
+from ..hub.registry import embedder_dimension, resolve_pinned
+from .corpus import Document, describe, load_brown, load_documents
+from .io import write_json, write_jsonl
+from .train import TRAINING_FILENAME, TopicJob, TrainConfig, is_finished, train_dense, train_experts
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def cluster(workdir: str | os.PathLike, train: Sequence[Document], heldout: Sequ
     Returns:
         The :class:`Workspace` written to ``<workdir>/moin_workspace.json``.
     """
-    from ._cluster import cluster_documents, embed_texts, nearest_centroid
+    from .cluster import cluster_documents, embed_texts, nearest_centroid
 
     workdir = Path(workdir)
     model = load_embedder(embedder, endpoint=endpoint, token=token).model
@@ -248,7 +248,7 @@ def cluster(workdir: str | os.PathLike, train: Sequence[Document], heldout: Sequ
 
 
 def _topics(workdir: Path) -> Any:
-    from ._cluster import TopicModel
+    from .cluster import TopicModel
 
     return TopicModel.load(workdir / "topics")
 
@@ -367,7 +367,7 @@ def evaluate(workdir: str | os.PathLike, *, endpoint: str | None = None, token: 
         >>> report = evaluate("work", modes=("top1", "topk"), k=2)  # doctest: +SKIP
         >>> report["perplexity"]["overall"]["modes"]["topk"]["ppl"]  # doctest: +SKIP
     """
-    from ._evaluate import check_mixing, evaluate_experts, load_base
+    from .evaluate import check_mixing, evaluate_experts, load_base
 
     check_mixing(modes, {"k": k, "temperature": temperature, "mass": mass, "threshold": threshold})
     workdir = Path(workdir)
@@ -408,7 +408,7 @@ def evaluate(workdir: str | os.PathLike, *, endpoint: str | None = None, token: 
     }
     report["targets"] = check_targets(report)
     if plots:
-        from ._plots import write_plots
+        from .plots import write_plots
 
         report["plots"] = [str(p) for p in write_plots(workdir, report, _topics(workdir))]
     write_json(workdir / REPORT_FILENAME, report)
@@ -419,14 +419,14 @@ def ranked_experts(workdir: str | os.PathLike, experts: Mapping[str, Any], n_hel
                    k: int) -> list[list[tuple[str, float]]]:
     """For each held-out document, the ``k`` trained experts nearest its query, best first, with their
     cosine similarities: the query embeddings the cluster step stored against the topic centroids, searched
-    as :func:`~moin_hub._cluster.nearest_centroid` searches them (so the first is the ``routed`` topic).
+    as :func:`~moin_hub.pipeline.cluster.nearest_centroid` searches them (so the first is the ``routed`` topic).
 
     Raises:
         MoinHubError: the stored query embeddings do not match the held-out documents or the centroids.
     """
     import faiss
 
-    from ._cluster import _unit_rows
+    from .cluster import _unit_rows
 
     workdir = Path(workdir)
     queries = read_embeddings(workdir).get("queries")
@@ -511,8 +511,8 @@ def push_all(workdir: str | os.PathLike, *, registry: str, namespace: str, repo_
     Returns:
         The :class:`PushResult` of each expert.
     """
-    from .hub.push import push_expert
-    from .hub.registry import init_registry
+    from ..hub.push import push_expert
+    from ..hub.registry import init_registry
 
     workdir = Path(workdir)
     workspace = Workspace.load(workdir)
@@ -532,7 +532,7 @@ def push_all(workdir: str | os.PathLike, *, registry: str, namespace: str, repo_
                                    private=private, endpoint=endpoint, token=token))
     plots = workdir / "plots"
     if plots.is_dir() and any(plots.glob("*.png")):
-        from .hub.registry_plots import publish_plots
+        from ..hub.registry_plots import publish_plots
 
         publish_plots(registry, plots, endpoint=endpoint, token=token)  # shown in the registry card from now on
     return results

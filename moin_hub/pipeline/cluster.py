@@ -46,10 +46,10 @@ from sklearn.metrics.cluster import contingency_matrix
 from sklearn.preprocessing import normalize
 from tqdm.auto import tqdm
 
-from ._io import write_json
-from ._validators import validate_positive_int
-from ._version import __version__
-from .errors import EmbedderMismatchError, InvalidTopicModelError, UnsafeFileError
+from .._validators import validate_positive_int
+from .._version import __version__
+from ..errors import EmbedderMismatchError, InvalidTopicModelError, UnsafeFileError
+from .io import write_json
 
 METHODS = ("kmeans", "hdbscan")
 REDUCERS = ("auto", "umap", "pca", "none")
