@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .workspace import read_embeddings
+
 PLOTS_DIR = "plots"
 
 
@@ -31,8 +33,6 @@ def write_plots(workdir: str | Path, report: dict[str, Any], topics: Any) -> lis
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_perplexity(report, out / "perplexity_per_expert.png"),
              plot_sizes(topics, out / "documents_per_topic.png")]
-    from .steps import read_embeddings
-
     embeddings = read_embeddings(workdir)["train"]
     paths.append(plot_map(embeddings, topics, out / "topic_map.png"))
     return paths
