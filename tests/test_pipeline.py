@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from moin_hub import Registry, Router
-from moin_hub.cli.pipeline import format_report
 from moin_hub.errors import MoinHubError
+from moin_hub.pipeline.report import format_report
 from moin_hub.pipeline.steps import check_targets, load_corpus, routing_scores
 from moin_hub.pipeline.workspace import Workspace
 from tests._helpers import QUERIES

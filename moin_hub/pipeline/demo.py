@@ -114,7 +114,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, echo: Callabl
         done = step("evaluate", "Scoring on held-out Brown files: base vs routed vs oracle"
                                 + (" vs dense" if config.dense else ""))
         report = evaluate(work, endpoint=hub.url, max_docs_per_topic=config.eval_docs_per_topic)
-        from ..cli.pipeline import format_report
+        from .report import format_report
 
         echo("\n".join("   " + line for line in format_report(report).splitlines()))
         done()
