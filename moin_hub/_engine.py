@@ -403,8 +403,7 @@ class ExpertEngine:
                 return self._base, self._tokenizer
             import torch
 
-            from .hub.loading import load_base_model
-            from .pipeline.evaluate import load_base
+            from .hub.loading import load_base, load_base_model
 
             device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
             override = self.base_model_override

@@ -169,7 +169,7 @@ def test_per_row_lora_matches_peft_adapter_names(tiny_base, embedder, tmp_path):
     from peft import PeftModel
 
     from moin_hub._lora_batch import per_row_lora, supports
-    from moin_hub.pipeline.evaluate import load_base
+    from moin_hub.hub.loading import load_base
     from tests import _helpers
     from tests.conftest import BASE_REPO
 

@@ -16,7 +16,8 @@ import torch
 from moin_hub.errors import ExpertTrainingError, InvalidExpertError, MoinHubError
 from moin_hub.hub.config import ExpertMetadata
 from moin_hub.hub.expert import ExpertFolder
-from moin_hub.pipeline.evaluate import build_blocks, evaluate_experts, load_base, perplexity
+from moin_hub.hub.loading import load_base
+from moin_hub.pipeline.evaluate import build_blocks, evaluate_experts, perplexity
 from moin_hub.pipeline.train import TopicJob, TrainConfig, train_dense, train_expert, train_experts
 from tests._tiny import TOPIC_TEXTS
 

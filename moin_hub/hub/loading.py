@@ -1,4 +1,8 @@
-"""Load the registry's base model (pinned, safetensors only) with a pulled expert applied through PEFT."""
+"""Load the registry's base model (pinned, safetensors only) with a pulled expert applied through PEFT.
+
+:func:`load_base` loads any base model from a folder or a Hub repo the same safe way (training, evaluation and
+a server's ``--base-model`` folder use it).
+"""
 
 from __future__ import annotations
 
@@ -55,6 +59,31 @@ def load_base_model(base: PinnedModel, *, endpoint: str | None = None, token: st
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     if device:
         model.to(device)
+    return model.eval(), tokenizer
+
+
+def load_base(model_dir_or_repo: str | Path, revision: str | None = None,
+              dtype: Any = None) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from a local folder or a Hub repo: safetensors only, no remote code.
+
+    Args:
+        model_dir_or_repo: a folder with ``config.json`` + ``*.safetensors``, or a Hub model id.
+        revision: a Hub revision (ignored for local folders).
+        dtype: parameter dtype (default ``torch.float32``).
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+
+    Raises:
+        OSError: the folder or repo has no safetensors weights (pickled weights are never loaded).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = str(model_dir_or_repo)
+    model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype or torch.float32,
+                                                 use_safetensors=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=False)
     return model.eval(), tokenizer
 
 

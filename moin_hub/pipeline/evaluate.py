@@ -188,30 +188,6 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *, 
     return math.exp(nll / n_tokens), n_tokens
 
 
-def load_base(model_dir_or_repo: str | Path, revision: str | None = None,
-              dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer from a local folder or a Hub repo: safetensors only, no remote code.
-
-    Args:
-        model_dir_or_repo: a folder with ``config.json`` + ``*.safetensors``, or a Hub model id.
-        revision: a Hub revision (ignored for local folders).
-        dtype: parameter dtype.
-
-    Returns:
-        ``(model, tokenizer)``, the model in eval mode.
-
-    Raises:
-        OSError: the folder or repo has no safetensors weights (pickled weights are never loaded).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = str(model_dir_or_repo)
-    model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, use_safetensors=True,
-                                                 trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=False)
-    return model.eval(), tokenizer
-
-
 def _check_adapter_dir(adapter_dir: Path) -> None:
     if not (adapter_dir / ADAPTER_WEIGHTS_FILENAME).is_file():
         raise InvalidExpertError(str(adapter_dir), f"missing {ADAPTER_WEIGHTS_FILENAME}")

@@ -297,7 +297,8 @@ def evaluate(workdir: str | os.PathLike, *, endpoint: str | None = None, token: 
         >>> report = evaluate("work", modes=("top1", "topk"), k=2)  # doctest: +SKIP
         >>> report["perplexity"]["overall"]["modes"]["topk"]["ppl"]  # doctest: +SKIP
     """
-    from .evaluate import check_mixing, evaluate_experts, load_base
+    from ..hub.loading import load_base
+    from .evaluate import check_mixing, evaluate_experts
 
     check_mixing(modes, {"k": k, "temperature": temperature, "mass": mass, "threshold": threshold})
     workdir = Path(workdir)

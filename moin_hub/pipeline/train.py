@@ -58,8 +58,8 @@ from ..hub.config import (
     validate_expert_id,
 )
 from ..hub.expert import write_centroid
-from ..hub.loading import quiet_peft
-from .evaluate import autocast, build_blocks, load_base, perplexity, resolve_bf16
+from ..hub.loading import load_base, quiet_peft
+from .evaluate import autocast, build_blocks, perplexity, resolve_bf16
 from .io import write_json
 
 logger = logging.getLogger(__name__)
