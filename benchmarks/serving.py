@@ -3,7 +3,7 @@
 Stated configuration: the real default base model (SmolLM2-135M-Instruct, fp32 on CPU) and embedder
 (all-MiniLM-L6-v2), published to a local Hub in a temporary folder; --experts + 4 LoRA experts (r=8 on
 q_proj/v_proj, random non-zero weights) pushed into a registry. All through moin_hub's serving engine
-(`moin_hub._engine.ExpertEngine`: one base model, an LRU of adapters) and `moin-hub serve`'s HTTP app.
+(`moin_hub.serving.engine.ExpertEngine`: one base model, an LRU of adapters) and `moin-hub serve`'s HTTP app.
 
 Measured in one run, and compared as ratios:
 
@@ -52,10 +52,10 @@ def main() -> int:
 
     import torch
 
-    from moin_hub._engine import ExpertEngine
     from moin_hub._hub_server import LocalHub
-    from moin_hub._serve import ServeConfig, start_server
     from moin_hub.hub.mixing import Mixture
+    from moin_hub.serving.engine import ExpertEngine
+    from moin_hub.serving.server import ServeConfig, start_server
 
     hub = LocalHub(root / "hub").start()
     topics = list(TOPICS)[: args.experts + 4]

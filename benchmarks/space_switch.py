@@ -3,7 +3,7 @@
 Stated configuration: the real default base model (SmolLM2-135M-Instruct, dequantized from the bundled
 Q4_1 GGUF, fp32 on CPU) and embedder (all-MiniLM-L6-v2), published to a local Hub server in a temporary
 folder; --experts LoRA experts (r=8 on q_proj/v_proj, random non-zero weights: loading cost does not
-depend on training) pushed into a registry. The Space's engine (moin_hub._space.SpaceEngine) keeps ONE
+depend on training) pushed into a registry. The Space's engine (moin_hub.serving.space.SpaceEngine) keeps ONE
 base model and an LRU of adapters:
 
 - first load of an expert = download at the pinned commit + sha256 verification of every file +
@@ -51,7 +51,7 @@ def main() -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
     from moin_hub._hub_server import LocalHub
-    from moin_hub._space import SpaceEngine
+    from moin_hub.serving.space import SpaceEngine
 
     hub = LocalHub(root / "hub").start()
     try:

@@ -44,7 +44,7 @@ __all__ = [
 # name -> private module that defines it; imported lazily on first attribute access.
 _LAZY = {
     "EmbedderSpec": ".hub.config",
-    "ExpertEngine": "._engine",
+    "ExpertEngine": ".serving.engine",
     "ExpertMetadata": ".hub.config",
     "ExpertRecord": ".hub.config",
     "PinnedModel": ".hub.config",
@@ -62,7 +62,6 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._engine import ExpertEngine
     from ._hub_server import LocalHub
     from .hub.config import EmbedderSpec, ExpertMetadata, ExpertRecord, PinnedModel, RegistryManifest
     from .hub.loading import load_expert
@@ -70,6 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .hub.push import push_expert, remove_expert
     from .hub.registry import Registry, init_registry
     from .hub.router import Route, Router
+    from .serving.engine import ExpertEngine
 
 
 def __getattr__(name: str) -> Any:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from moin_hub._engine import AdapterCache, AdapterSlot, ExpertEngine, plan_evictions, truncate_at_stop
 from moin_hub.hub.mixing import Mixture
+from moin_hub.serving.engine import AdapterCache, AdapterSlot, ExpertEngine, plan_evictions, truncate_at_stop
 from tests._helpers import QUERIES, TOPICS
 
 # ------------------------------------------------------------------------------------------ pure eviction
@@ -168,8 +168,8 @@ def test_per_row_lora_matches_peft_adapter_names(tiny_base, embedder, tmp_path):
     import torch
     from peft import PeftModel
 
-    from moin_hub._lora_batch import per_row_lora, supports
     from moin_hub.hub.loading import load_base
+    from moin_hub.serving.lora_batch import per_row_lora, supports
     from tests import _helpers
     from tests.conftest import BASE_REPO
 

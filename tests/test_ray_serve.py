@@ -35,7 +35,7 @@ pytestmark = pytest.mark.e2e
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from moin_hub._ray_serve import (  # noqa: E402
+from moin_hub.serving.ray_serve import (  # noqa: E402
     AUTO_MODEL,
     BASE_MODEL,
     ApiError,

@@ -13,9 +13,9 @@ import uuid
 import pytest
 from huggingface_hub import constants
 
-from moin_hub._engine import ExpertEngine
-from moin_hub._serve import ExpertBatcher, Job, ServeConfig, next_batch, start_server
 from moin_hub.hub.mixing import Mixture
+from moin_hub.serving.engine import ExpertEngine
+from moin_hub.serving.server import ExpertBatcher, Job, ServeConfig, next_batch, start_server
 from tests._helpers import QUERIES, TOPICS, free_port
 from tests.reliability._tools import raw_request
 

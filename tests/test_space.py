@@ -22,9 +22,9 @@ from click.testing import CliRunner
 from huggingface_hub import constants
 
 from moin_hub import errors, push_expert
-from moin_hub._engine import AdapterCache, AdapterSlot, parse_base_model, plan_evictions
-from moin_hub._space import SpaceEngine, centroid_map, check_text, next_token
 from moin_hub.hub.config import ADAPTER_WEIGHTS_FILENAME
+from moin_hub.serving.engine import AdapterCache, AdapterSlot, parse_base_model, plan_evictions
+from moin_hub.serving.space import SpaceEngine, centroid_map, check_text, next_token
 from tests._helpers import QUERIES, TOPICS, free_port
 from tests.conftest import BASE_REPO
 
@@ -53,7 +53,7 @@ def space_registry(topic_registry) -> str:
 @pytest.fixture(scope="module")
 def space(hub, space_registry, tmp_path_factory):
     """The Space app, launched on a free loopback port, with a gradio_client Client on it."""
-    from moin_hub._space_app import build_app
+    from moin_hub.serving.space_app import build_app
 
     with pytest.MonkeyPatch.context() as mp:  # the module's own HF cache (tests get theirs from hf_home)
         home = tmp_path_factory.mktemp("space-hf-home")
@@ -120,7 +120,7 @@ def test_next_token_penalises_repeats():
 
 
 def test_env_threshold():
-    from moin_hub._space_app import env_threshold
+    from moin_hub.serving.space_app import env_threshold
 
     assert env_threshold(None) == env_threshold("") == 0.1
     assert env_threshold("0.25") == 0.25
@@ -282,7 +282,7 @@ def test_cli_space_launches_with_its_options(hub, space_registry, monkeypatch):
     def fake_launch(engine, **kwargs):
         launched.update(kwargs, engine=engine)
 
-    monkeypatch.setattr("moin_hub._space_app.launch", fake_launch)
+    monkeypatch.setattr("moin_hub.serving.space_app.launch", fake_launch)
     result = CliRunner().invoke(cli, ["space", "--registry", space_registry, "--endpoint", hub.url, "--port", "0",
                                       "--threshold", "0.3", "--no-warm-up", "--token", "hf_secret_abc"])
     assert result.exit_code == 0, result.output

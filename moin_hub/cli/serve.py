@@ -101,8 +101,8 @@ def command(registry: str, revision: str | None, endpoint: str | None, token: st
     """
     import uvicorn
 
-    from .._engine import ExpertEngine
-    from .._serve import ServeConfig, create_app
+    from ..serving.engine import ExpertEngine
+    from ..serving.server import ServeConfig, create_app
 
     config = ServeConfig(mode=mode, k=k, temperature=mix_temperature, mass=mass, threshold=threshold,
                          max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,

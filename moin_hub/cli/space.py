@@ -46,8 +46,8 @@ def command(registry: str, revision: str | None, endpoint: str | None, token: st
     the adapter is pulled at its pinned commit and verified, and the base model runs with it.
     Loaded adapters stay cached, so switching experts does not reload the base model.
     """
-    from .. import _space_app
-    from .._space import DEFAULT_THRESHOLD, SpaceEngine
+    from ..serving import space_app
+    from ..serving.space import DEFAULT_THRESHOLD, SpaceEngine
 
     engine = SpaceEngine(registry, revision=revision, endpoint=endpoint, token=token, base_model=base_model,
                          threshold=DEFAULT_THRESHOLD if threshold is None else threshold, cache_size=cache_size,
@@ -59,4 +59,4 @@ def command(registry: str, revision: str | None, endpoint: str | None, token: st
         engine.warm_up()
     shown = "0.0.0.0" if host in ("", "0.0.0.0") else host  # noqa: S104 - only echoed
     click.echo(f"MoIN router Space at http://{shown}:{port}/  (Ctrl-C to stop)")
-    _space_app.launch(engine, host=host, port=port, share=share)
+    space_app.launch(engine, host=host, port=port, share=share)

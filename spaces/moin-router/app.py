@@ -15,7 +15,7 @@ import os
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # never phone home
 
-from moin_hub._space_app import build_app, env_threshold  # noqa: E402
+from moin_hub.serving.space_app import build_app, env_threshold  # noqa: E402
 
 DEFAULT_REGISTRY = "moin-demo/brown-experts"
 

@@ -36,8 +36,8 @@ PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/route")
 
 @pytest.fixture(scope="module")
 def server(hub, topic_registry):
-    from moin_hub._engine import ExpertEngine
-    from moin_hub._serve import ServeConfig, start_server
+    from moin_hub.serving.engine import ExpertEngine
+    from moin_hub.serving.server import ServeConfig, start_server
 
     engine = ExpertEngine(topic_registry, endpoint=hub.url, cache_size=2)
     with start_server(engine, ServeConfig(max_tokens_limit=4, max_prompt_chars=2000)) as running:

@@ -1,4 +1,4 @@
-"""The engine behind the MoIN router Space: the serving engine (:mod:`moin_hub._engine`) plus side-by-side
+"""The engine behind the MoIN router Space: the serving engine (:mod:`moin_hub.serving.engine`) plus side-by-side
 generation and per-token scores.
 
 A query is embedded and routed to the nearest topic centroid (:class:`~moin_hub.Router`). When the best
@@ -9,7 +9,7 @@ commit, every file's sha256 checked, safetensors only), loaded as a PEFT adapter
 by ``(repo_id, commit)``, so switching between experts is a pointer swap, not a reload; an adapter in use
 by a running generation is never evicted.
 
-Nothing here imports gradio: the UI lives in :mod:`moin_hub._space_app`.
+Nothing here imports gradio: the UI lives in :mod:`moin_hub.serving.space_app`.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from ._engine import DEFAULT_CACHE_SIZE, ExpertEngine
-from .errors import EmptyQueryError
-from .hub.config import ExpertRecord
-from .hub.registry import Registry
-from .hub.router import Route, RouteResult
+from ..errors import EmptyQueryError
+from ..hub.config import ExpertRecord
+from ..hub.registry import Registry
+from ..hub.router import Route, RouteResult
+from .engine import DEFAULT_CACHE_SIZE, ExpertEngine
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class SpaceEngine(ExpertEngine):
 
     Args:
         registry / revision / endpoint / token / base_model / cache_size / device: as in
-            :class:`~moin_hub._engine.ExpertEngine`.
+            :class:`~moin_hub.serving.engine.ExpertEngine`.
         threshold: the similarity below which the base model answers.
         max_new_tokens_limit: the most tokens one request may generate.
         max_input_chars: the longest text accepted.

@@ -38,9 +38,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._engine import Completion, ExpertEngine, truncate_at_stop
-from ._version import __version__
-from .errors import (
+from .._version import __version__
+from ..errors import (
     EmptyQueryError,
     ExpertNotFoundError,
     HubUnavailableError,
@@ -49,7 +48,8 @@ from .errors import (
     MoinHubError,
     UnsafeFileError,
 )
-from .hub.mixing import MODES, Mixture
+from ..hub.mixing import MODES, Mixture
+from .engine import Completion, ExpertEngine, truncate_at_stop
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class ServeConfig:
     refresh_seconds: float = 60.0
 
     def __post_init__(self) -> None:
-        from .hub.mixing import mix_weights
+        from ..hub.mixing import mix_weights
 
         mix_weights([1.0], mode=self.mode, k=self.k, temperature=self.temperature, mass=self.mass)  # validates
         if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
@@ -270,7 +270,7 @@ class Histogram:
 
 @dataclass
 class ServerMetrics:
-    """What the server counts besides the engine's own :class:`~moin_hub._engine.EngineStats`."""
+    """What the server counts besides the engine's own :class:`~moin_hub.serving.engine.EngineStats`."""
 
     route_seconds: Histogram = field(default_factory=lambda: Histogram(ROUTE_BUCKETS))
     batch_sizes: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))

@@ -6,7 +6,7 @@ Two deployments make one application (:func:`build_app`):
   ``GET /v1/experts``, ``GET /v1/models``, ``GET /health``. It routes each prompt with the registry's router
   (the embedder and the centroid index only; no base model lives here) and calls the experts deployment with
   ``multiplexed_model_id=<expert id>``.
-- :class:`MoinExperts`: each replica holds ONE base model in an :class:`~moin_hub._engine.ExpertEngine`. Ray
+- :class:`MoinExperts`: each replica holds ONE base model in an :class:`~moin_hub.serving.engine.ExpertEngine`. Ray
   Serve's model multiplexing treats every expert as a "model": ``@serve.multiplexed`` loads it on first use
   (the adapter is pinned in the engine) and keeps at most ``max_experts_per_replica`` per replica, least
   recently used first out. When Ray evicts an expert it calls the model object's ``__del__``
@@ -39,7 +39,7 @@ Multi-GPU and multi-node:
 Run it from Python, ``serve.run(build_app("acme/moin-registry", endpoint=...))``, or from the shell with the
 application builder :func:`app_builder`::
 
-    serve run moin_hub._ray_serve:app_builder registry_id=acme/moin-registry replicas=4 replica_num_gpus=1
+    serve run moin_hub.serving.ray_serve:app_builder registry_id=acme/moin-registry replicas=4 replica_num_gpus=1
 
 Ray is an optional extra: ``pip install 'moin-hub[ray]'``.
 """
@@ -61,18 +61,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray.exceptions import RayTaskError
 
-from ._engine import Completion, ExpertEngine
-from ._serve import AUTO_MODEL, BASE_MODEL, ApiError
-from ._serve import api_error as _serve_api_error
-from ._validators import short_repr, validate_positive_int, validate_repo_id
-from ._version import __version__
-from .errors import (
+from .._validators import short_repr, validate_positive_int, validate_repo_id
+from .._version import __version__
+from ..errors import (
     EmptyQueryError,
 )
-from .hub.client import resolve_endpoint
-from .hub.mixing import Mixture
-from .hub.registry import Registry
-from .hub.router import Router
+from ..hub.client import resolve_endpoint
+from ..hub.mixing import Mixture
+from ..hub.registry import Registry
+from ..hub.router import Router
+from .engine import Completion, ExpertEngine
+from .server import AUTO_MODEL, BASE_MODEL, ApiError
+from .server import api_error as _serve_api_error
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ BATCH_WAIT_S = 0.01
 
 
 def api_error(err: BaseException) -> ApiError:
-    """The HTTP answer of an exception, as in `moin-hub serve` (:func:`moin_hub._serve.api_error`).
+    """The HTTP answer of an exception, as in `moin-hub serve` (:func:`moin_hub.serving.server.api_error`).
 
     An error raised inside an experts replica reaches the ingress wrapped in Ray's ``RayTaskError``; its
     ``cause`` is the original error.
@@ -224,7 +224,7 @@ class MoinExperts:
     Args:
         registry_id / revision / endpoint / token: the registry (``revision`` should be a commit sha, so every
             replica serves the same experts).
-        base_model: override the registry's base model (see :class:`~moin_hub._engine.ExpertEngine`).
+        base_model: override the registry's base model (see :class:`~moin_hub.serving.engine.ExpertEngine`).
         max_experts: experts held per replica: Ray's multiplexing limit and the engine's adapter budget.
     """
 
@@ -442,7 +442,7 @@ def build_app(registry_id: str, *, endpoint: str | None = None, token: str | Non
 
 def app_builder(args: dict[str, str]) -> Any:
     """:func:`build_app` from ``serve run`` arguments (strings), e.g.
-    ``serve run moin_hub._ray_serve:app_builder registry_id=acme/moin-registry replicas=4 replica_num_gpus=1``.
+    ``serve run moin_hub.serving.ray_serve:app_builder registry_id=acme/moin-registry replicas=4 replica_num_gpus=1``.
     """
     known = {"registry_id": str, "endpoint": str, "token": str, "revision": str, "replicas": int,
              "max_experts_per_replica": int, "replica_num_cpus": float, "replica_num_gpus": float,

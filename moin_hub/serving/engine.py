@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import IncompatibleExpertError, MoinHubError
-from .hub.client import get_api, resolve_endpoint
-from .hub.config import ADAPTER_WEIGHTS_FILENAME, ExpertRecord, PinnedModel
-from .hub.mixing import MIXTURE_SLOT, Mixture, plan_mixture
-from .hub.registry import Registry, resolve_pinned
-from .hub.router import Router, RouteResult
+from ..errors import IncompatibleExpertError, MoinHubError
+from ..hub.client import get_api, resolve_endpoint
+from ..hub.config import ADAPTER_WEIGHTS_FILENAME, ExpertRecord, PinnedModel
+from ..hub.mixing import MIXTURE_SLOT, Mixture, plan_mixture
+from ..hub.registry import Registry, resolve_pinned
+from ..hub.router import Router, RouteResult
 
 logger = logging.getLogger(__name__)
 
@@ -403,7 +403,7 @@ class ExpertEngine:
                 return self._base, self._tokenizer
             import torch
 
-            from .hub.loading import load_base, load_base_model
+            from ..hub.loading import load_base, load_base_model
 
             device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
             override = self.base_model_override
@@ -480,7 +480,7 @@ class ExpertEngine:
         """Load a verified adapter folder onto the base model as ``name`` (under the lock)."""
         from peft import PeftModel
 
-        from .hub.loading import check_adapter_effective, quiet_peft
+        from ..hub.loading import check_adapter_effective, quiet_peft
 
         base, _ = self._load_base()
         try:
@@ -510,7 +510,7 @@ class ExpertEngine:
             raise
 
     def _download(self, record: ExpertRecord) -> Path:
-        from .hub.pull import download_expert
+        from ..hub.pull import download_expert
 
         # pull's verified download: the pinned commit, the sha256 of every file, no pickle in the repo,
         # the adapter names the registry's base model
@@ -525,7 +525,7 @@ class ExpertEngine:
         Returns:
             ``(slot, loaded_now)``.
         """
-        from .hub.loading import adapter_name
+        from ..hub.loading import adapter_name
 
         key = (record.repo_id, record.revision)
         with self._lock:
@@ -719,11 +719,11 @@ class ExpertEngine:
 
         Rows that share one mixture run with it active. Rows of different single experts (or the base model)
         run in ONE batch: the base model's matmuls are shared, and each row gets its own expert's LoRA update
-        through gathered batched matmuls (:func:`moin_hub._lora_batch.per_row_lora`), or, for adapters that
+        through gathered batched matmuls (:func:`moin_hub.serving.lora_batch.per_row_lora`), or, for adapters that
         are not plain linear LoRA, PEFT's per-row ``adapter_names``. Mixtures of several experts cannot be
         mixed with other rows.
         """
-        from ._lora_batch import per_row_lora, supports
+        from .lora_batch import per_row_lora, supports
 
         keys = {(m.experts, tuple(round(w, 6) for w in m.weights)) for m in mixtures}
         if len(keys) == 1:

@@ -18,7 +18,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from ._space import (
+from ..errors import MoinHubError
+from .space import (
     DEFAULT_CACHE_SIZE,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_THRESHOLD,
@@ -27,7 +28,6 @@ from ._space import (
     TokenScores,
     centroid_map,
 )
-from .errors import MoinHubError
 
 logger = logging.getLogger(__name__)
 
