@@ -58,8 +58,8 @@ def main() -> int:
 
     from huggingface_hub import HfApi
 
-    from moin_hub._hub_server import LocalHub
     from moin_hub.hub.assets import publish_default_assets
+    from moin_hub.local_hub.server import LocalHub
     from moin_hub.pipeline.steps import (
         base_model_dir,
         cluster,

@@ -52,8 +52,8 @@ def main() -> int:
 
     import torch
 
-    from moin_hub._hub_server import LocalHub
     from moin_hub.hub.mixing import Mixture
+    from moin_hub.local_hub.server import LocalHub
     from moin_hub.serving.engine import ExpertEngine
     from moin_hub.serving.server import ServeConfig, start_server
 

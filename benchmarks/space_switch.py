@@ -50,7 +50,7 @@ def main() -> int:
     use_fresh_hf_home(root)  # a fresh HF cache: first loads really download
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
-    from moin_hub._hub_server import LocalHub
+    from moin_hub.local_hub.server import LocalHub
     from moin_hub.serving.space import SpaceEngine
 
     hub = LocalHub(root / "hub").start()

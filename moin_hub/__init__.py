@@ -49,7 +49,7 @@ _LAZY = {
     "ExpertRecord": ".hub.config",
     "PinnedModel": ".hub.config",
     "RegistryManifest": ".hub.config",
-    "LocalHub": "._hub_server",
+    "LocalHub": ".local_hub.server",
     "Registry": ".hub.registry",
     "init_registry": ".hub.registry",
     "push_expert": ".hub.push",
@@ -62,13 +62,13 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._hub_server import LocalHub
     from .hub.config import EmbedderSpec, ExpertMetadata, ExpertRecord, PinnedModel, RegistryManifest
     from .hub.loading import load_expert
     from .hub.pull import PullResult, pull
     from .hub.push import push_expert, remove_expert
     from .hub.registry import Registry, init_registry
     from .hub.router import Route, Router
+    from .local_hub.server import LocalHub
     from .serving.engine import ExpertEngine
 
 

@@ -204,7 +204,7 @@ def test_git_blob_sha1_matches_git():
 
 @pytest.fixture(scope="module")
 def local_hub(tmp_path_factory):
-    hub_server = pytest.importorskip("moin_hub._hub_server", reason="moin_hub._hub_server is not available")
+    hub_server = pytest.importorskip("moin_hub.local_hub.server", reason="moin_hub.local_hub.server is not available")
     with hub_server.LocalHub(tmp_path_factory.mktemp("assets-hub")) as hub:
         yield hub
 

@@ -36,7 +36,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from moin_hub._hub_server import LocalHub, validate_card_metadata
+from moin_hub.local_hub.server import LocalHub, validate_card_metadata
 
 REPO = "org/demo"
 GOOD_CARD = """---

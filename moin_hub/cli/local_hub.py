@@ -30,7 +30,7 @@ def command(host: str, port: int, data_dir: Path, tokens: tuple[str, ...], verbo
     The real `huggingface_hub` client, `datasets`, `transformers` and `peft` work against it
     unchanged: point them at it with HF_ENDPOINT or --endpoint. Stop it with Ctrl-C.
     """
-    from .._hub_server import LocalHub
+    from ..local_hub.server import LocalHub
 
     token_map = {}
     for item in tokens:

@@ -62,8 +62,8 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, echo: Callabl
     """
     from huggingface_hub import HfApi
 
-    from .._hub_server import LocalHub
     from ..hub.assets import publish_default_assets
+    from ..local_hub.server import LocalHub
     from .steps import cluster, evaluate, load_corpus, push_all, resolve_models, train
 
     config = config or DemoConfig()

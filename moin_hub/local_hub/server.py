@@ -9,7 +9,7 @@ branches and tags, model/dataset listing with tag filters, card YAML validation,
 ``resolve`` downloads with ``ETag``, ``X-Repo-Commit`` and byte ranges.
 
 Uploads are always "regular" (base64 inside the commit): the server never hands out LFS or Xet uploads,
-so nothing leaves the machine. Storage is :class:`moin_hub._hub_storage.HubStorage`: content-addressed
+so nothing leaves the machine. Storage is :class:`moin_hub.local_hub.storage.HubStorage`: content-addressed
 blobs, immutable commits and atomically replaced refs under ``data_dir``, so a restarted server sees
 everything an earlier one stored.
 
@@ -45,7 +45,7 @@ from urllib.parse import parse_qs, unquote
 
 import yaml
 
-from ._hub_storage import (
+from .storage import (
     REPO_TYPES,
     AddFile,
     Commit,

@@ -1,4 +1,4 @@
-"""On-disk storage behind :class:`moin_hub._hub_server.LocalHub`: blobs, immutable commits, mutable refs.
+"""On-disk storage behind :class:`moin_hub.local_hub.server.LocalHub`: blobs, immutable commits, mutable refs.
 
 The model is git's, flattened: a *commit* is an immutable JSON object holding its parents and the full
 tree of the repo at that point (``path -> (blob oid, size)``); a *ref* (branch, tag, pull request) is a
