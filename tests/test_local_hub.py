@@ -36,7 +36,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from moin_hub.local_hub.server import LocalHub, validate_card_metadata
+from moin_hub.local_hub.cards import validate_card_metadata
+from moin_hub.local_hub.server import LocalHub
 
 REPO = "org/demo"
 GOOD_CARD = """---
