@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from moin_hub.hub.mixing import Mixture
-from moin_hub.serving.engine import AdapterCache, AdapterSlot, ExpertEngine, plan_evictions, truncate_at_stop
+from moin_hub.serving.cache import AdapterCache, AdapterSlot, plan_evictions
+from moin_hub.serving.engine import ExpertEngine
+from moin_hub.serving.generation import truncate_at_stop
 from tests._helpers import QUERIES, TOPICS
 
 # ------------------------------------------------------------------------------------------ pure eviction

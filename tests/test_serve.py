@@ -14,8 +14,9 @@ import pytest
 from huggingface_hub import constants
 
 from moin_hub.hub.mixing import Mixture
+from moin_hub.serving.batching import ExpertBatcher, Job, next_batch
 from moin_hub.serving.engine import ExpertEngine
-from moin_hub.serving.server import ExpertBatcher, Job, ServeConfig, next_batch, start_server
+from moin_hub.serving.server import ServeConfig, start_server
 from tests._helpers import QUERIES, TOPICS, free_port
 from tests.reliability._tools import raw_request
 

@@ -23,7 +23,8 @@ from huggingface_hub import constants
 
 from moin_hub import errors, push_expert
 from moin_hub.hub.config import ADAPTER_WEIGHTS_FILENAME
-from moin_hub.serving.engine import AdapterCache, AdapterSlot, parse_base_model, plan_evictions
+from moin_hub.serving.cache import AdapterCache, AdapterSlot, plan_evictions
+from moin_hub.serving.engine import parse_base_model
 from moin_hub.serving.space import SpaceEngine, centroid_map, check_text, next_token
 from tests._helpers import QUERIES, TOPICS, free_port
 from tests.conftest import BASE_REPO

@@ -2,18 +2,20 @@
 
 Owns:
 
-- ``engine``: :class:`~moin_hub.serving.engine.ExpertEngine` (public as :class:`moin_hub.ExpertEngine`): the
-  registry, the router, one base model and an LRU of PEFT adapters, batched generation;
-- ``lora_batch``: rows of one batch with different experts, through gathered batched LoRA matmuls;
-- ``server``: ``moin-hub serve``, the OpenAI-compatible HTTP server;
+- ``engine``: :class:`~moin_hub.serving.engine.ExpertEngine` (public as :class:`moin_hub.ExpertEngine`):
+  registry, router, one base model and its adapters; ``cache``: the adapter LRU and its eviction policy;
+  ``generation``: batched generation (each row its own expert, streaming, stop strings);
+  ``lora_batch``: rows with different experts through gathered batched LoRA matmuls;
+- ``server``: ``moin-hub serve``, the OpenAI-compatible HTTP app; ``openai_api``: its request models, model
+  names and errors; ``batching``: the request batcher; ``metrics``: ``/metrics``;
 - ``ray_serve``: the same experts multiplexed over Ray Serve replicas;
 - ``space``: the Space's engine (route, generate side by side, score), and ``space_app``: its Gradio UI.
 
-Public entry points (kept stable, documented in README): ``moin_hub.serving.space_app.build_app`` and
+Public entry points (stable, documented in README): ``moin_hub.serving.space_app.build_app`` and
 ``env_threshold`` (imported by ``spaces/moin-router/app.py``), and ``moin_hub.serving.ray_serve:app_builder``
-/ ``build_app`` (``serve run``). Everything else here is internal and may change.
+and ``build_app`` (``serve run``). Everything else here is internal and may change.
 
 May import: :mod:`moin_hub.hub`, :mod:`moin_hub.errors`, :mod:`moin_hub._validators`,
-:mod:`moin_hub._version` and itself. Never :mod:`moin_hub.pipeline` (what both need, such as ``mixing`` and
-``loading``, is in :mod:`moin_hub.hub`), :mod:`moin_hub.local_hub` or :mod:`moin_hub.cli`.
+:mod:`moin_hub._version` and itself. Never :mod:`moin_hub.pipeline` (what both need, such as ``mixing``
+and ``loading``, is in :mod:`moin_hub.hub`), :mod:`moin_hub.local_hub` or :mod:`moin_hub.cli`.
 """

@@ -9,12 +9,16 @@ The cache:
 
 - has a budget in adapters (``cache_size``) and optionally in bytes (``cache_bytes``);
 - never evicts an adapter a running request holds, nor a pinned one (:meth:`ExpertEngine.pin`);
-- decides evictions with the pure function :func:`plan_evictions` (least recently used first);
+- decides evictions with the pure function :func:`~moin_hub.serving.cache.plan_evictions` (least recently
+  used first);
 - can prefetch the runner-up experts of a route in the background: downloaded to disk always, loaded into
   memory only while the cache has room (a prefetch never evicts).
 
 Several experts can be mixed (routing modes ``topk``/``adaptive``, :mod:`moin_hub.hub.mixing`): the engine
 loads each and activates a weighted ``cat`` combination of them.
+
+The cache policy is in :mod:`moin_hub.serving.cache`, batched generation (:meth:`ExpertEngine.generate_batch`,
+inherited) in :mod:`moin_hub.serving.generation`.
 """
 
 from __future__ import annotations
@@ -23,8 +27,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,147 +39,10 @@ from ..hub.config import ADAPTER_WEIGHTS_FILENAME, ExpertRecord, PinnedModel
 from ..hub.mixing import MIXTURE_SLOT, Mixture, plan_mixture
 from ..hub.registry import Registry, resolve_pinned
 from ..hub.router import Router, RouteResult
+from .cache import DEFAULT_CACHE_SIZE, AdapterCache, AdapterKey, AdapterSlot
+from .generation import BatchedGeneration
 
 logger = logging.getLogger(__name__)
-
-#: Adapters kept loaded on the base model by default.
-DEFAULT_CACHE_SIZE = 4
-
-AdapterKey = tuple[str, str]  # (repo_id, commit sha)
-
-
-def plan_evictions(order: Sequence[Hashable], capacity: int, in_use: Collection[Hashable] = (), *,
-                   sizes: Mapping[Hashable, int] | None = None, max_bytes: int | None = None,
-                   pinned: Collection[Hashable] = ()) -> list[Hashable]:
-    """Which cached adapters to drop so that at most ``capacity`` stay (and, with ``max_bytes``, their sizes
-    sum to at most ``max_bytes``): least recently used first.
-
-    Args:
-        order: cached keys, least recently used first.
-        capacity: how many may stay (>= 0).
-        in_use: keys a running request holds; never evicted, even if the cache stays over budget.
-        sizes: bytes of each key (missing keys count 0); needed with ``max_bytes``.
-        max_bytes: the byte budget, or None for none.
-        pinned: keys the user pinned; never evicted.
-
-    Returns:
-        The keys to evict, in eviction order.
-
-    Example:
-        >>> plan_evictions(["a", "b", "c"], 2, in_use={"a"})
-        ['b']
-        >>> plan_evictions(["a", "b", "c"], 3, sizes={"a": 5, "b": 5, "c": 5}, max_bytes=10, pinned={"a"})
-        ['b']
-    """
-    sizes = sizes or {}
-    count_excess = len(order) - max(0, capacity)
-    byte_excess = sum(sizes.get(key, 0) for key in order) - max_bytes if max_bytes is not None else 0
-    victims = []
-    for key in order:
-        if count_excess <= 0 and byte_excess <= 0:
-            break
-        if key in in_use or key in pinned:
-            continue
-        victims.append(key)
-        count_excess -= 1
-        byte_excess -= sizes.get(key, 0)
-    return victims
-
-
-@dataclass
-class AdapterSlot:
-    """A loaded adapter: its PEFT name, its expert, its size, and how many running requests hold it."""
-
-    key: AdapterKey
-    name: str
-    expert_id: str
-    in_use: int = 0
-    load_seconds: float = 0.0
-    nbytes: int = 0
-    pinned: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"expert_id": self.expert_id, "repo_id": self.key[0], "revision": self.key[1], "adapter": self.name,
-                "in_use": self.in_use, "pinned": self.pinned, "bytes": self.nbytes,
-                "load_seconds": round(self.load_seconds, 4)}
-
-
-class AdapterCache:
-    """An LRU of loaded adapters with pinning and a count (and optional byte) budget; eviction is decided
-    by :func:`plan_evictions`.
-
-    Not thread-safe on its own: the engine calls it under its lock.
-
-    Args:
-        capacity: adapters kept loaded.
-        on_evict: called with each evicted :class:`AdapterSlot` (the engine deletes the PEFT adapter).
-        max_bytes: the most bytes of adapter weights kept loaded (None: no byte budget).
-    """
-
-    def __init__(self, capacity: int, on_evict: Callable[[AdapterSlot], None], *, max_bytes: int | None = None):
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"cache_size must be a positive integer, got {capacity!r}.")
-        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)
-                                      or max_bytes < 1):
-            raise ValueError(f"cache_bytes must be a positive integer, got {max_bytes!r}.")
-        self.capacity = capacity
-        self.max_bytes = max_bytes
-        self._on_evict = on_evict
-        self._slots: OrderedDict[AdapterKey, AdapterSlot] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._slots
-
-    def keys(self) -> list[AdapterKey]:
-        """Cached keys, least recently used first."""
-        return list(self._slots)
-
-    def slots(self) -> list[AdapterSlot]:
-        """Cached slots, least recently used first."""
-        return list(self._slots.values())
-
-    @property
-    def nbytes(self) -> int:
-        return sum(slot.nbytes for slot in self._slots.values())
-
-    def has_room(self, nbytes: int = 0) -> bool:
-        """True if one more adapter of ``nbytes`` fits without evicting anything."""
-        if len(self._slots) >= self.capacity:
-            return False
-        return self.max_bytes is None or self.nbytes + nbytes <= self.max_bytes
-
-    def get(self, key: AdapterKey) -> AdapterSlot | None:
-        """The slot of ``key`` (marked most recently used), or None."""
-        slot = self._slots.get(key)
-        if slot is not None:
-            self._slots.move_to_end(key)
-        return slot
-
-    def peek(self, key: AdapterKey) -> AdapterSlot | None:
-        """The slot of ``key`` without marking it used, or None."""
-        return self._slots.get(key)
-
-    def add(self, slot: AdapterSlot) -> list[AdapterSlot]:
-        """Insert ``slot`` as most recently used and evict over budget; return the evicted slots."""
-        self._slots[slot.key] = slot
-        self._slots.move_to_end(slot.key)
-        return self.shrink(keep=slot.key)
-
-    def shrink(self, keep: AdapterKey | None = None) -> list[AdapterSlot]:
-        """Evict down to the budget (never ``keep``, a slot in use or a pinned slot); return the evicted."""
-        in_use = {key for key, s in self._slots.items() if s.in_use > 0 or key == keep}
-        pinned = {key for key, s in self._slots.items() if s.pinned}
-        sizes = {key: s.nbytes for key, s in self._slots.items()}
-        evicted = []
-        for key in plan_evictions(list(self._slots), self.capacity, in_use, sizes=sizes, max_bytes=self.max_bytes,
-                                  pinned=pinned):
-            victim = self._slots.pop(key)
-            self._on_evict(victim)
-            evicted.append(victim)
-        return evicted
 
 
 @dataclass
@@ -209,16 +75,6 @@ class EngineStats:
 
 
 @dataclass(frozen=True)
-class Completion:
-    """The output of one prompt of a batch: new token ids, their text, why it stopped."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    prompt_tokens: int
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
-
-
-@dataclass(frozen=True)
 class Plan:
     """A routed query: the route, the mixture of experts it gets (empty: the base model), the time taken."""
 
@@ -230,72 +86,13 @@ class Plan:
         return {**self.route.to_dict(), "mixture": self.mixture.to_dict(), "route_ms": round(self.route_ms, 3)}
 
 
-def _streaming_kwargs(on_tokens: Sequence[Callable[[int], None] | None],
-                      cancels: Sequence[threading.Event | None], limits: Sequence[int], width: int,
-                      eos: int | None) -> dict[str, Any]:
-    """``generate`` kwargs for per-row streaming and stopping.
-
-    Row ``i`` gets each new token passed to ``on_tokens[i]`` (until its EOS or its own token limit), and stops
-    (HF pads it from then on) once ``cancels[i]`` is set or it has ``limits[i]`` new tokens, so rows with
-    different limits, streamed or not, share one batch and the batch ends when every row has.
-    """
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-    from transformers.generation.streamers import BaseStreamer
-
-    kwargs: dict[str, Any] = {}
-    if any(callback is not None for callback in on_tokens):
-        class RowStreamer(BaseStreamer):
-            def __init__(self) -> None:
-                self.prompt_seen = False
-                self.sent = [0] * len(on_tokens)
-                self.ended = [callback is None for callback in on_tokens]
-
-            def put(self, value: Any) -> None:
-                if not self.prompt_seen:  # generate's first put is the prompt
-                    self.prompt_seen = True
-                    return
-                for row, token in enumerate(value.reshape(-1).tolist()):
-                    if self.ended[row]:
-                        continue
-                    on_tokens[row](int(token))
-                    self.sent[row] += 1
-                    self.ended[row] = token == eos or self.sent[row] >= limits[row]
-
-            def end(self) -> None:
-                pass
-
-        kwargs["streamer"] = RowStreamer()
-
-    class RowDone(StoppingCriteria):
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            new = input_ids.shape[1] - width
-            done = [new >= limit or (cancel is not None and cancel.is_set())
-                    for limit, cancel in zip(limits, cancels, strict=True)]
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-    kwargs["stopping_criteria"] = StoppingCriteriaList([RowDone()])
-    return kwargs
-
-
 def parse_base_model(value: str) -> tuple[str, str | None]:
     """``"org/name@rev"`` -> ``("org/name", "rev")``; ``"org/name"`` -> ``("org/name", None)``."""
     repo_id, _, revision = value.strip().partition("@")
     return repo_id, (revision or None)
 
 
-def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """``text`` cut before the first occurrence of any stop string; True if one was found.
-
-    Example:
-        >>> truncate_at_stop("a cat. A dog.", ["."])
-        ('a cat', True)
-    """
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-class ExpertEngine:
+class ExpertEngine(BatchedGeneration):
     """Registry + router + one base model + an LRU of PEFT adapters (thread-safe).
 
     Every forward pass and adapter switch happens under one lock (the active adapter is state of the model).
@@ -693,130 +490,6 @@ class ExpertEngine:
                 self.stats.add(mixtures=1)
             with self._using(MIXTURE_SLOT) as model:
                 yield model
-
-    # ----------------------------------------------------------------------------------------- generation
-
-    def encode(self, text: str, *, reserve: int = 0) -> list[int]:
-        """Token ids of a plain-text prompt, keeping the last tokens that leave ``reserve`` for new ones."""
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        return ids[-max(1, self.max_context() - reserve):]
-
-    def encode_chat(self, messages: Sequence[Mapping[str, str]], *, reserve: int = 0) -> list[int]:
-        """Token ids of a chat (``[{"role", "content"}]``) with the tokenizer's chat template and the generation
-        prompt; a tokenizer without a template gets the contents joined by newlines."""
-        tokenizer = self.tokenizer
-        if self.has_chat_template:
-            text = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
-                                                 add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer("\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"]
-        return ids[-max(1, self.max_context() - reserve):]
-
-    @contextlib.contextmanager
-    def _using_rows(self, mixtures: Sequence[Mixture]) -> Iterator[tuple[Any, dict[str, Any]]]:
-        """The model and the forward kwargs for a batch whose rows may use different experts.
-
-        Rows that share one mixture run with it active. Rows of different single experts (or the base model)
-        run in ONE batch: the base model's matmuls are shared, and each row gets its own expert's LoRA update
-        through gathered batched matmuls (:func:`moin_hub.serving.lora_batch.per_row_lora`), or, for adapters that
-        are not plain linear LoRA, PEFT's per-row ``adapter_names``. Mixtures of several experts cannot be
-        mixed with other rows.
-        """
-        from .lora_batch import per_row_lora, supports
-
-        keys = {(m.experts, tuple(round(w, 6) for w in m.weights)) for m in mixtures}
-        if len(keys) == 1:
-            with self.using_mixture(mixtures[0]) as model:
-                yield model, {}
-            return
-        if any(len(m.experts) > 1 for m in mixtures):
-            raise ValueError("Rows with different mixtures of several experts cannot share a batch.")
-        experts = sorted({m.experts[0] for m in mixtures if m.experts})
-        with self.hold(experts) as slots, self._lock:
-            names = dict(zip(experts, (s.name for s in slots), strict=True))
-            rows = [names[m.experts[0]] if m.experts else None for m in mixtures]
-            if supports(self._peft, list(names.values())):
-                with per_row_lora(self._peft, rows) as model:
-                    yield model, {}
-                return
-            self._peft.set_adapter(slots[0].name, inference_mode=True)  # any: adapter_names decides per row
-            yield self._peft, {"adapter_names": [r if r is not None else "__base__" for r in rows]}
-
-    def generate_batch(self, prompts: Sequence[Sequence[int]], mixture: Mixture | Sequence[Mixture], *,
-                       max_new_tokens: Sequence[int], temperature: float = 0.0, top_p: float = 1.0,
-                       stop: Sequence[Sequence[str]] | None = None, seed: int | None = None,
-                       on_token: Sequence[Callable[[int], None] | None] | None = None,
-                       cancel: Sequence[threading.Event | None] | None = None) -> list[Completion]:
-        """Generate for a batch of prompts in one padded forward batch on the one base model.
-
-        Args:
-            prompts: token ids of each prompt (left-padded together).
-            mixture: the experts (and weights) of the whole batch, or one :class:`Mixture` per prompt. Rows may
-                use different single experts or the base model (empty mixture) in one batch (gathered LoRA
-                matmuls per row); a mixture of several experts is shared by every row of its batch.
-            max_new_tokens: per prompt; the batch runs to the largest and each output is cut to its own.
-            temperature: 0 decodes greedily; above 0 samples (with ``top_p``).
-            stop: per prompt, strings that end its text (cut before the first one; ``finish_reason`` "stop").
-            seed: seeds torch's generator for sampling (reproducible outputs).
-            on_token: per prompt, None or a function called with each new token id as it is generated
-                (streaming; up to the prompt's EOS or its own ``max_new_tokens``).
-            cancel: per prompt, None or an event: once set, that prompt stops after its current token (a stop
-                string seen while streaming, or a client gone); the others go on.
-
-        Returns:
-            One :class:`Completion` per prompt, in order.
-
-        Raises:
-            ValueError: lengths differ, or rows mix different multi-expert mixtures.
-        """
-        import torch
-
-        if not prompts:
-            return []
-        mixtures = [mixture] * len(prompts) if isinstance(mixture, Mixture) else list(mixture)
-        if len(max_new_tokens) != len(prompts) or len(mixtures) != len(prompts):
-            raise ValueError("max_new_tokens and mixtures need one value per prompt.")
-        on_token = list(on_token) if on_token is not None else [None] * len(prompts)
-        cancel = list(cancel) if cancel is not None else [None] * len(prompts)
-        if len(on_token) != len(prompts) or len(cancel) != len(prompts):
-            raise ValueError("on_token and cancel need one value (or None) per prompt.")
-        stop = stop or [()] * len(prompts)
-        model, tokenizer = self._load_base()
-        eos = tokenizer.eos_token_id
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        width = max(len(p) for p in prompts)
-        device = next(model.parameters()).device
-        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, ids in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            input_ids[row, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
-            attention[row, width - len(ids):] = 1
-        n_new = max(max_new_tokens)
-        extra_kwargs = _streaming_kwargs(on_token, cancel, list(max_new_tokens), width, tokenizer.eos_token_id)
-        sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0} \
-            if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        start = time.perf_counter()
-        with self._using_rows(mixtures) as (active, extra), torch.inference_mode():
-            if seed is not None:
-                torch.manual_seed(seed)
-            out = active.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                  max_new_tokens=n_new, pad_token_id=pad, eos_token_id=eos, **sampling, **extra,
-                                  **extra_kwargs)
-        seconds = time.perf_counter() - start
-        results = []
-        for row, (limit, stops) in enumerate(zip(max_new_tokens, stop, strict=True)):
-            new = out[row, width:].tolist()[:limit]
-            finish = "length"
-            if eos in new:
-                new, finish = new[: new.index(eos)], "stop"
-            text = tokenizer.decode(new, skip_special_tokens=True)
-            text, stopped = truncate_at_stop(text, stops)
-            results.append(Completion(text, tuple(new), len(prompts[row]), "stop" if stopped else finish))
-        self.stats.add(batches=1, batched_requests=len(prompts), generation_seconds=seconds,
-                       generated_tokens=sum(len(c.token_ids) for c in results),
-                       prompt_tokens=sum(len(p) for p in prompts))
-        return results
 
     # ----------------------------------------------------------------------------------------- info
 

@@ -70,9 +70,10 @@ from ..hub.client import resolve_endpoint
 from ..hub.mixing import Mixture
 from ..hub.registry import Registry
 from ..hub.router import Router
-from .engine import Completion, ExpertEngine
-from .server import AUTO_MODEL, BASE_MODEL, ApiError
-from .server import api_error as _serve_api_error
+from .engine import ExpertEngine
+from .generation import Completion
+from .openai_api import AUTO_MODEL, BASE_MODEL, ApiError
+from .openai_api import api_error as _serve_api_error
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ BATCH_WAIT_S = 0.01
 
 
 def api_error(err: BaseException) -> ApiError:
-    """The HTTP answer of an exception, as in `moin-hub serve` (:func:`moin_hub.serving.server.api_error`).
+    """The HTTP answer of an exception, as in `moin-hub serve` (:func:`moin_hub.serving.openai_api.api_error`).
 
     An error raised inside an experts replica reaches the ingress wrapped in Ray's ``RayTaskError``; its
     ``cause`` is the original error.

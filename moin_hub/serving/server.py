@@ -14,10 +14,15 @@ Endpoints (JSON; errors as OpenAI's ``{"error": {"message", "type", "param", "co
 - ``GET /metrics``: Prometheus text (requests, cache hits/misses, loads, evictions, route latency, batch
   sizes, tokens/s); ``GET /health``.
 
-Requests are batched across experts: an :class:`ExpertBatcher` collects requests for a few milliseconds and
-runs those with the same sampling settings as one padded batch on the one base model, each row with its own
-expert (PEFT's per-row ``adapter_names``: the base weights are shared, each LoRA update applies to its rows).
-Requests for a weighted mixture of several experts batch with requests for the same mixture.
+Requests are batched across experts: an :class:`~moin_hub.serving.batching.ExpertBatcher` collects requests
+for a few milliseconds and runs those with the same sampling settings as one padded batch on the one base
+model, each row with its own expert (PEFT's per-row ``adapter_names``: the base weights are shared, each
+LoRA update applies to its rows). Requests for a weighted mixture of several experts batch with requests for
+the same mixture.
+
+This module is the app (:func:`create_app`, :func:`start_server`); the request models and errors are in
+:mod:`moin_hub.serving.openai_api`, the batcher in :mod:`moin_hub.serving.batching` and ``/metrics`` in
+:mod:`moin_hub.serving.metrics`.
 """
 
 from __future__ import annotations
@@ -31,35 +36,34 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from .._version import __version__
-from ..errors import (
-    EmptyQueryError,
-    ExpertNotFoundError,
-    HubUnavailableError,
-    IncompatibleExpertError,
-    IntegrityError,
-    MoinHubError,
-    UnsafeFileError,
-)
+from ..errors import EmptyQueryError, MoinHubError
 from ..hub.mixing import MODES, Mixture
-from .engine import Completion, ExpertEngine, truncate_at_stop
+from .batching import ExpertBatcher, Job
+from .engine import ExpertEngine
+from .generation import Completion, truncate_at_stop
+from .metrics import ServerMetrics, render_metrics
+from .openai_api import (
+    AUTO_MODEL,
+    BASE_MODEL,
+    MODE_MODELS,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    RouteRequest,
+    Sampling,
+    _text_of,
+    api_error,
+    expert_entry,
+    held_back,
+)
 
 logger = logging.getLogger(__name__)
-
-#: ``model`` names that route by content; ``moin:auto`` uses the server's mode.
-AUTO_MODEL = "moin:auto"
-BASE_MODEL = "moin:base"
-MODE_MODELS = {f"moin:{mode}": mode for mode in MODES}
-#: Route-latency histogram buckets (seconds) of ``/metrics``.
-ROUTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 @dataclass
@@ -107,344 +111,7 @@ class ServeConfig:
             raise ValueError(f"refresh_seconds must be a number >= 0, got {self.refresh_seconds!r}.")
 
 
-# ------------------------------------------------------------------------------------------ batching
-
-
-@dataclass
-class Job:
-    """One prompt waiting for generation."""
-
-    mixture: Mixture
-    prompt_ids: list[int]
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    on_token: Callable[[int], None] | None = None
-    cancel: threading.Event | None = None
-    future: Future = field(default_factory=Future)
-    enqueued: float = field(default_factory=time.perf_counter)
-
-    @property
-    def batch_key(self) -> tuple:
-        """Jobs with equal keys run in one batch: the same sampling, and either one expert (or none) each, in
-        any mix (per-row adapters), or the same mixture of several experts. Streamed jobs batch like others."""
-        if len(self.mixture.experts) > 1:
-            mixture: Any = tuple(zip(self.mixture.experts, (round(w, 6) for w in self.mixture.weights),
-                                     strict=True))
-        else:
-            mixture = "rows"
-        return mixture, self.temperature, self.top_p, self.seed
-
-
-def next_batch(pending: Sequence[Job], max_batch_size: int) -> tuple[list[Job], list[Job]]:
-    """Split ``pending`` (oldest first) into the next batch and the rest: the oldest job and up to
-    ``max_batch_size - 1`` more jobs with its batch key, in arrival order. Pure; the batcher's policy.
-
-    Example:
-        >>> a, b = (Job(Mixture((e,), (1.0,), "top1"), [1], 4) for e in "xy")
-        >>> c = Job(Mixture(("x", "y"), (0.5, 0.5), "topk"), [1], 4)
-        >>> [j.mixture.experts for j in next_batch([a, c, b], 8)[0]]
-        [('x',), ('y',)]
-    """
-    if not pending:
-        return [], []
-    key = pending[0].batch_key
-    batch, rest = [], []
-    for job in pending:
-        if len(batch) < max_batch_size and job.batch_key == key:
-            batch.append(job)
-        else:
-            rest.append(job)
-    return batch, rest
-
-
-class ExpertBatcher:
-    """Runs submitted jobs on an engine in batches (one thread): jobs of different single experts share a
-    batch (per-row adapters); a mixture of several experts batches with its own kind.
-
-    After the first job of a batch arrives, the batcher waits ``window_ms`` for more, then runs the oldest
-    job's group (:func:`next_batch`), so no expert starves.
-    """
-
-    def __init__(self, engine: ExpertEngine, *, max_batch_size: int = 8, window_ms: float = 5.0,
-                 on_batch: Callable[[int], None] | None = None):
-        self.engine = engine
-        self.max_batch_size = max_batch_size
-        self.window = window_ms / 1000
-        self._on_batch = on_batch
-        self._pending: list[Job] = []
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="moin-batcher", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Job) -> Future:
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("the batcher is closed")
-            self._pending.append(job)
-            self._cond.notify()
-        return job.future
-
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._pending)
-
-    def close(self) -> None:
-        """Stop after the running batch; jobs still waiting fail with RuntimeError."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join(timeout=60)
-        for job in self._pending:
-            if not job.future.done():
-                job.future.set_exception(RuntimeError("the server is shutting down"))
-        self._pending.clear()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                deadline = self._pending[0].enqueued + self.window
-                while not self._closed and len(self._pending) < self.max_batch_size:
-                    left = deadline - time.perf_counter()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                batch, self._pending = next_batch(self._pending, self.max_batch_size)
-            self._execute(batch)
-
-    def _execute(self, batch: list[Job]) -> None:
-        first = batch[0]
-        try:
-            outputs = self.engine.generate_batch(
-                [j.prompt_ids for j in batch], [j.mixture for j in batch],
-                max_new_tokens=[j.max_new_tokens for j in batch],
-                temperature=first.temperature, top_p=first.top_p, stop=[j.stop for j in batch], seed=first.seed,
-                on_token=[j.on_token for j in batch], cancel=[j.cancel for j in batch])
-        except BaseException as err:  # every waiting request must get an answer
-            for job in batch:
-                job.future.set_exception(err)
-            return
-        if self._on_batch:
-            self._on_batch(len(batch))
-        for job, output in zip(batch, outputs, strict=True):
-            job.future.set_result(output)
-
-
-# ------------------------------------------------------------------------------------------ metrics
-
-
-class Histogram:
-    """A Prometheus histogram (cumulative buckets, sum, count); thread-safe."""
-
-    def __init__(self, buckets: Sequence[float]):
-        self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)
-        self.sum = 0.0
-        self._lock = threading.Lock()
-
-    def observe(self, value: float) -> None:
-        with self._lock:
-            self.sum += value
-            index = next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets))
-            self.counts[index] += 1
-
-    def lines(self, name: str, help_text: str) -> list[str]:
-        with self._lock:
-            counts, total = list(self.counts), self.sum
-        out = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-        running = 0
-        for bound, count in zip((*self.buckets, math.inf), counts, strict=True):
-            running += count
-            le = "+Inf" if bound == math.inf else repr(float(bound))
-            out.append(f'{name}_bucket{{le="{le}"}} {running}')
-        out += [f"{name}_sum {total}", f"{name}_count {running}"]
-        return out
-
-
-@dataclass
-class ServerMetrics:
-    """What the server counts besides the engine's own :class:`~moin_hub.serving.engine.EngineStats`."""
-
-    route_seconds: Histogram = field(default_factory=lambda: Histogram(ROUTE_BUCKETS))
-    batch_sizes: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
-    requests: dict[tuple[str, int], int] = field(default_factory=dict)
-    expert_requests: dict[str, int] = field(default_factory=dict)
-    registry_updates: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def count_request(self, path: str, status: int) -> None:
-        with self.lock:
-            self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
-
-    def count_expert(self, expert: str) -> None:
-        with self.lock:
-            self.expert_requests[expert] = self.expert_requests.get(expert, 0) + 1
-
-    def count_refresh(self) -> None:
-        with self.lock:
-            self.registry_updates += 1
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def render_metrics(engine: ExpertEngine, metrics: ServerMetrics, pending: int) -> str:
-    """The Prometheus text exposition of the server's and the engine's counters."""
-    stats = engine.stats.snapshot()
-    cache = engine.cache_info()
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_text: str, samples: Sequence[tuple[str, float]]) -> None:
-        lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
-        lines.extend(f"{name}{labels} {value}" for labels, value in samples)
-
-    with metrics.lock:
-        requests = sorted(metrics.requests.items())
-        experts = sorted(metrics.expert_requests.items())
-        updates = metrics.registry_updates
-    metric("moin_requests_total", "counter", "HTTP requests by path and status.",
-           [(f'{{path="{_label(p)}",status="{s}"}}', n) for (p, s), n in requests])
-    metric("moin_expert_requests_total", "counter", "Generation requests by expert (base: the base model).",
-           [(f'{{expert="{_label(e)}"}}', n) for e, n in experts])
-    counters = [("moin_cache_hits_total", "cache_hits", "Requests whose expert adapter was already loaded."),
-                ("moin_cache_misses_total", "cache_misses", "Requests that had to load their expert adapter."),
-                ("moin_adapter_loads_total", "loads", "Adapters downloaded (verified) and loaded."),
-                ("moin_adapter_load_seconds_total", "load_seconds", "Time spent loading adapters."),
-                ("moin_adapter_evictions_total", "evictions", "Adapters evicted from the cache."),
-                ("moin_prefetches_total", "prefetched", "Runner-up experts prefetched."),
-                ("moin_mixtures_built_total", "mixtures", "Weighted mixtures of experts built."),
-                ("moin_batches_total", "batches", "Generation batches run."),
-                ("moin_generated_tokens_total", "generated_tokens", "Tokens generated."),
-                ("moin_prompt_tokens_total", "prompt_tokens", "Prompt tokens processed."),
-                ("moin_generation_seconds_total", "generation_seconds", "Time spent generating.")]
-    for name, key, help_text in counters:
-        metric(name, "counter", help_text, [("", stats[key])])
-    rate = stats["generated_tokens"] / stats["generation_seconds"] if stats["generation_seconds"] else 0.0
-    metric("moin_tokens_per_second", "gauge", "Generated tokens per second of generation time, since start.",
-           [("", round(rate, 3))])
-    metric("moin_registry_updates_total", "counter", "Times the server moved to a new registry commit.",
-           [("", updates)])
-    metric("moin_registry_experts", "gauge", "Experts in the registry commit served.", [("", len(engine.registry))])
-    metric("moin_loaded_adapters", "gauge", "Expert adapters loaded on the base model.", [("", len(cache["loaded"]))])
-    metric("moin_loaded_adapter_bytes", "gauge", "Bytes of loaded adapter weights.", [("", cache["bytes"])])
-    metric("moin_cache_capacity", "gauge", "Adapters the cache may hold.", [("", cache["capacity"])])
-    metric("moin_pending_requests", "gauge", "Requests waiting for a batch.", [("", pending)])
-    lines += metrics.route_seconds.lines("moin_route_latency_seconds", "Routing latency (embedding included).")
-    lines += metrics.batch_sizes.lines("moin_batch_size", "Requests per generation batch.")
-    return "\n".join(lines) + "\n"
-
-
 # ------------------------------------------------------------------------------------------ the app
-
-
-class Sampling(BaseModel):
-    """OpenAI sampling fields shared by completions and chat (unknown OpenAI fields are accepted and ignored)."""
-
-    model_config = ConfigDict(extra="allow")
-    model: str = AUTO_MODEL
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = 1
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
-
-
-class CompletionRequest(Sampling):
-    """``POST /v1/completions``."""
-
-    prompt: str | list[str]
-
-
-class ChatMessage(BaseModel):
-    """One message of a chat; ``content`` is a string or OpenAI's list of parts."""
-
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: Any = ""
-
-
-class ChatRequest(Sampling):
-    """``POST /v1/chat/completions``."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-class RouteRequest(BaseModel):
-    """``POST /v1/route``."""
-
-    input: str | list[str]
-    mode: str | None = None
-    k: int | None = Field(default=None, ge=1, le=64)
-    threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
-
-
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """How many characters at the end of streamed ``text`` to hold back: a tail that may begin a stop string,
-    or an incomplete character (the tokenizer decodes half a UTF-8 sequence as U+FFFD).
-
-    Example:
-        >>> held_back("The end. Then", ["Then we"]), held_back("caf\ufffd", [])
-        (4, 1)
-    """
-    hold = max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
-    return max(hold, 1 if text.endswith("\ufffd") else 0)
-
-
-class ApiError(Exception):
-    """An error answered as OpenAI's JSON error object."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def api_error(err: BaseException) -> ApiError:
-    """The HTTP answer of an exception (the message is one line; no traceback reaches the client)."""
-    if isinstance(err, ApiError):
-        return err
-    message = str(err).splitlines()[0][:500] if str(err) else type(err).__name__
-    if isinstance(err, ExpertNotFoundError):
-        return ApiError(404, message, code="model_not_found", param="model")
-    if isinstance(err, EmptyQueryError):
-        return ApiError(400, "The prompt is empty.", code="empty_prompt", param="prompt")
-    if isinstance(err, HubUnavailableError):
-        return ApiError(503, message, type="server_error", code="hub_unavailable")
-    if isinstance(err, (IntegrityError, UnsafeFileError, IncompatibleExpertError)):
-        return ApiError(502, message, type="server_error", code="expert_refused")
-    if isinstance(err, (ValueError, MoinHubError)):
-        return ApiError(400, message)
-    logger.exception("internal error")
-    return ApiError(500, "Internal server error (see the server log).", type="server_error", code="internal_error")
-
-
-def expert_entry(record: Any, weight: float) -> dict[str, Any]:
-    """An expert as the ``moin`` object of an answer names it: id, repo, pinned sha, weight."""
-    return {"expert_id": record.expert_id, "repo_id": record.repo_id, "revision": record.revision,
-            "weight": round(weight, 6)}
-
-
-def _text_of(content: Any) -> str:
-    """The text of a chat message's content: a string, or OpenAI's list of parts (text parts joined)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return ""
 
 
 def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:

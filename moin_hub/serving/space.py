@@ -27,7 +27,8 @@ from ..errors import EmptyQueryError
 from ..hub.config import ExpertRecord
 from ..hub.registry import Registry
 from ..hub.router import Route, RouteResult
-from .engine import DEFAULT_CACHE_SIZE, ExpertEngine
+from .cache import DEFAULT_CACHE_SIZE
+from .engine import ExpertEngine
 
 logger = logging.getLogger(__name__)
 
