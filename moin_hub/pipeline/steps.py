@@ -31,7 +31,8 @@ from ..hub.config import EmbedderSpec, PinnedModel, utc_now
 from ..hub.embed import download_model_dir, load_embedder
 from ..hub.mixing import MODES
 from ..hub.registry import embedder_dimension, resolve_pinned
-from .corpus import Document, describe, load_brown, load_documents
+from .brown import load_brown
+from .corpus import Document, describe, load_documents
 from .io import write_json, write_jsonl
 from .train import TRAINING_FILENAME, TopicJob, TrainConfig, is_finished, train_dense, train_experts
 from .workspace import (
