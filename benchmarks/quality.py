@@ -60,6 +60,7 @@ def main() -> int:
 
     from moin_hub.hub.assets import publish_default_assets
     from moin_hub.local_hub.server import LocalHub
+    from moin_hub.pipeline.jobs import TrainConfig
     from moin_hub.pipeline.steps import (
         base_model_dir,
         cluster,
@@ -69,7 +70,7 @@ def main() -> int:
         resolve_models,
         train,
     )
-    from moin_hub.pipeline.train import TRAINING_FILENAME, TrainConfig, train_experts
+    from moin_hub.pipeline.train import TRAINING_FILENAME, train_experts
 
     root = Path(tempfile.mkdtemp(prefix="moin-bench-"))
     work = args.keep or root / "work"

@@ -14,7 +14,6 @@ from sklearn.decomposition import PCA
 
 from moin_hub.errors import EmbedderMismatchError, InvalidTopicModelError, MoinHubError, UnsafeFileError
 from moin_hub.pipeline.cluster import (
-    TopicModel,
     _topic_model,
     cluster_documents,
     cluster_embeddings,
@@ -24,6 +23,7 @@ from moin_hub.pipeline.cluster import (
     project_2d,
     score_against_labels,
 )
+from moin_hub.pipeline.topics import TopicModel
 
 TOPIC_SENTENCES = {
     "cooking": [

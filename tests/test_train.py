@@ -18,7 +18,8 @@ from moin_hub.hub.config import ExpertMetadata
 from moin_hub.hub.expert import ExpertFolder
 from moin_hub.hub.loading import load_base
 from moin_hub.pipeline.evaluate import build_blocks, evaluate_experts, perplexity
-from moin_hub.pipeline.train import TopicJob, TrainConfig, train_dense, train_expert, train_experts
+from moin_hub.pipeline.jobs import TopicJob, TrainConfig
+from moin_hub.pipeline.train import train_dense, train_expert, train_experts
 from tests._tiny import TOPIC_TEXTS
 
 BASE_REPO = "test-org/tiny-llama"

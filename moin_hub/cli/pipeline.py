@@ -127,8 +127,8 @@ def train_command(workdir: Path, rank: int, alpha: float, target_modules: str, l
     finished: rerun after a crash and only the missing experts train. A failure loses only that
     expert; the others are kept and the failures are listed.
     """
+    from ..pipeline.jobs import TrainConfig
     from ..pipeline.steps import train
-    from ..pipeline.train import TrainConfig
 
     config = TrainConfig(rank=rank, alpha=alpha, target_modules=tuple(m.strip() for m in target_modules.split(",")
                                                                       if m.strip()),

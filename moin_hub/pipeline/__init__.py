@@ -2,12 +2,14 @@
 
 Owns:
 
-- ``corpus``: documents (the Brown Corpus, the user's files and datasets) and token blocks;
-- ``cluster``: embed, cluster, name and score the topics;
-- ``train``: one LoRA per topic, in processes or on Ray;
+- ``corpus``: documents (the user's files and datasets) and token blocks; ``brown``: the Brown Corpus;
+- ``cluster``: embed, cluster, name and score the topics; ``topics``: the saved :class:`TopicModel`;
+- ``jobs``: what training takes (``TrainConfig``, ``TopicJob``); ``train``: one LoRA per topic, in
+  processes or on Ray, and the dense baseline;
 - ``evaluate``: perplexity of base, routed, oracle, dense and each routing mode; ``plots``: its PNGs;
-- ``steps``: the workspace folder and cluster -> train -> evaluate -> push-all over it; ``io``: JSON
-  written atomically;
+  ``report``: the report as a table for people;
+- ``workspace``: the workspace folder and its files; ``steps``: cluster -> train -> evaluate -> push-all
+  over that folder; ``io``: JSON written atomically;
 - ``demo``: the whole job end to end, offline (``moin-hub demo``).
 
 May import: :mod:`moin_hub.hub`, :mod:`moin_hub.errors`, :mod:`moin_hub._validators`,

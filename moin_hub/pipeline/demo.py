@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .train import TrainConfig
+from .jobs import TrainConfig
 
 DEMO_QUERIES = (
     "The senator told reporters that the committee would vote on the new tax bill next week.",

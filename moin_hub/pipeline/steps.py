@@ -34,7 +34,8 @@ from ..hub.registry import embedder_dimension, resolve_pinned
 from .brown import load_brown
 from .corpus import Document, describe, load_documents
 from .io import write_json, write_jsonl
-from .train import TRAINING_FILENAME, TopicJob, TrainConfig, is_finished, train_dense, train_experts
+from .jobs import TopicJob, TrainConfig
+from .train import TRAINING_FILENAME, is_finished, train_dense, train_experts
 from .workspace import (
     DEFAULT_QUERY_WORDS,
     DENSE_DIR,
@@ -179,7 +180,7 @@ def cluster(workdir: str | os.PathLike, train: Sequence[Document], heldout: Sequ
 
 
 def _topics(workdir: Path) -> Any:
-    from .cluster import TopicModel
+    from .topics import TopicModel
 
     return TopicModel.load(workdir / "topics")
 
