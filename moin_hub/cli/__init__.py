@@ -2,6 +2,10 @@
 
 Known errors (moin-hub's own, the Hub client's, bad values) become a one-line message and exit code 1;
 ``MOIN_DEBUG=1`` shows the traceback instead.
+
+May import every stage (:mod:`moin_hub.pipeline`, :mod:`moin_hub.serving`, :mod:`moin_hub.hub`,
+:mod:`moin_hub.local_hub`) and the top-level modules; commands import their stage inside the command, so
+``--help`` stays fast. Nothing imports the CLI but :mod:`moin_hub.__main__` (``python -m moin_hub``).
 """
 
 from __future__ import annotations
