@@ -1,6 +1,6 @@
 """moin-hub: Mixture of Introvert Experts on the Hugging Face Hub.
 
-Public API (everything else is private and may change):
+Public API (everything else is internal and may change):
 
 - :class:`Registry` / :func:`init_registry`: the registry dataset that indexes experts.
 - :func:`push_expert`: push one expert folder as its own model repo and register it.
@@ -8,6 +8,12 @@ Public API (everything else is private and may change):
 - :class:`ExpertEngine`: serve many experts on one base model (adapter cache, mixtures, batched generation).
 - :class:`LocalHub`: a Hub-compatible server on loopback for offline work and tests.
 - :mod:`moin_hub.errors`: the typed errors all of these raise.
+
+Two documented entry points live in a subpackage: ``moin_hub.serving.space_app`` (``build_app``,
+``env_threshold``: the Space's ``app.py``) and ``moin_hub.serving.ray_serve:app_builder`` (Ray Serve's
+``serve run``). The implementation is split into stages, each importing only the ones below it:
+:mod:`moin_hub.cli` -> :mod:`moin_hub.pipeline` / :mod:`moin_hub.serving` -> :mod:`moin_hub.hub` ->
+``errors`` / ``_validators``, with :mod:`moin_hub.local_hub` on its own (README, "Layout").
 
 Heavy dependencies (torch, transformers, faiss) load on first use, so ``import moin_hub`` stays fast.
 """
@@ -41,7 +47,7 @@ __all__ = [
     "remove_expert",
 ]
 
-# name -> private module that defines it; imported lazily on first attribute access.
+# name -> module that defines it; imported lazily on first attribute access.
 _LAZY = {
     "EmbedderSpec": ".hub.config",
     "ExpertEngine": ".serving.engine",
