@@ -197,7 +197,9 @@ def test_dense_baseline_gets_the_total_budget(tiny_base, tmp_path):
                          base_revision=BASE_SHA, progress=False)
     record = json.loads((folder / "training.json").read_text())
     assert folder.name == "dense" and record["steps"] == 2 * len(TOPIC_TEXTS)
-    assert record["config"]["tokens_per_expert"] == CONFIG.tokens_per_expert * len(TOPIC_TEXTS)
+    assert record["tokens"] == 2 * len(TOPIC_TEXTS) * config.tokens_per_step
+    assert record["phase"] == {"name": "dense", "steps": 2 * len(TOPIC_TEXTS), "warmup": 0, "schedule": "cosine"}
+    assert TrainConfig.from_dict(record["config"]) == config  # the run's config; the phase says what dense did
     assert ExpertFolder.read(folder).metadata.n_docs == sum(len(t) for t in TOPIC_TEXTS.values())
 
 
@@ -205,7 +207,7 @@ def test_dense_baseline_gets_the_total_budget(tiny_base, tmp_path):
     ("rank", 0), ("alpha", -1), ("dropout", 1.0), ("learning_rate", 0), ("seq_len", 1), ("batch_size", 2.5),
     ("tokens_per_expert", -5), ("max_steps", 0), ("warmup_ratio", 1.5), ("schedule", "step"),
     ("weight_decay", -0.1), ("grad_clip", 0), ("seed", -1), ("bf16", "yes"), ("torch_threads", 0),
-    ("target_modules", []), ("target_modules", "q_proj"),
+    ("target_modules", []), ("target_modules", "q_proj"), ("seed_fraction", 1.0), ("seed_fraction", -0.1),
 ])
 def test_train_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -93,20 +93,26 @@ def cluster_command(workdir: Path, corpus: str, text_column: str, split: str, ma
 
 @click.command("train", epilog=examples(
     "moin-hub train work --tokens-per-expert 200000 --workers 2",
-    "moin-hub train work --executor ray --dense",
+    "moin-hub train work --seed-fraction 0.5 --dense      # branch-train from a shared seed",
+    "moin-hub train work --target-modules all-linear --rank 16 --executor ray",
 ))
 @WORKDIR
 @click.option("--rank", type=click.IntRange(1), default=8, show_default=True, help="LoRA rank (same for all).")
 @click.option("--alpha", type=click.FloatRange(0, min_open=True), default=16.0, show_default=True,
               help="LoRA alpha.")
 @click.option("--target-modules", default="q_proj,v_proj", show_default=True,
-              help="Comma-separated module names that get LoRA (same for all experts, so they hot-swap).")
+              help="Comma-separated module names that get LoRA (same for all experts, so they hot-swap), or "
+                   "'all-linear' (every linear layer but the output head, as the MoIN paper).")
 @click.option("--lr", "learning_rate", type=click.FloatRange(0, 1, min_open=True), default=5e-4,
               show_default=True, help="Peak learning rate (warmup + cosine decay).")
 @click.option("--seq-len", type=click.IntRange(2), default=256, show_default=True, help="Tokens per block.")
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Blocks per step.")
 @click.option("--tokens-per-expert", type=click.IntRange(1), default=200_000, show_default=True,
-              help="Token budget of each expert.")
+              help="Each topic's share of the run's token budget (total = topics x this, what the dense "
+                   "baseline gets); with --seed-fraction part of it goes to the shared seed.")
+@click.option("--seed-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Branch-train: spend this share of the total budget first on one seed LoRA over all topics "
+                   "(WORKDIR/seed), then branch every expert from it on its topic alone. 0: plain MoIN.")
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Cap on steps per expert.")
 @click.option("--bf16", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="bf16 autocast; 'auto' uses it where the hardware is fast at it.")
@@ -118,7 +124,8 @@ def cluster_command(workdir: Path, corpus: str, text_column: str, split: str, ma
 @click.option("--dense", is_flag=True, help="Also train the dense baseline (one LoRA, all topics, same total tokens).")
 @hub_options
 def train_command(workdir: Path, rank: int, alpha: float, target_modules: str, learning_rate: float, seq_len: int,
-                  batch_size: int, tokens_per_expert: int, max_steps: int | None, bf16: str, seed: int, workers: int,
+                  batch_size: int, tokens_per_expert: int, seed_fraction: float, max_steps: int | None, bf16: str,
+                  seed: int, workers: int,
                   executor: str, dense: bool, endpoint: str | None, token: str | None, output_format: str) -> None:
     """Train one LoRA expert per topic of WORKDIR on the frozen base model.
 
@@ -126,6 +133,12 @@ def train_command(workdir: Path, rank: int, alpha: float, target_modules: str, l
     Each expert is trained alone (no communication), written atomically, and never retrained once
     finished: rerun after a crash and only the missing experts train. A failure loses only that
     expert; the others are kept and the failures are listed.
+
+    \b
+    With --seed-fraction F (branch-train, as BTM / c-BTM): a shared seed LoRA is trained first on all
+    topics with F of the total budget (warmup, constant learning rate), then each expert starts from
+    it and spends the rest of its share on its topic alone (the learning-rate decay). Seed + experts
+    use exactly the dense baseline's tokens; the output lists the accounting.
     """
     from ..pipeline.jobs import TrainConfig
     from ..pipeline.steps import train
@@ -133,14 +146,19 @@ def train_command(workdir: Path, rank: int, alpha: float, target_modules: str, l
     config = TrainConfig(rank=rank, alpha=alpha, target_modules=tuple(m.strip() for m in target_modules.split(",")
                                                                       if m.strip()),
                          learning_rate=learning_rate, seq_len=seq_len, batch_size=batch_size,
-                         tokens_per_expert=tokens_per_expert, max_steps=max_steps,
+                         tokens_per_expert=tokens_per_expert, seed_fraction=seed_fraction, max_steps=max_steps,
                          bf16={"auto": "auto", "on": True, "off": False}[bf16], seed=seed)
     result = train(workdir, config, workers=workers, executor=executor, dense=dense, endpoint=endpoint,
                    token=token, progress=output_format == "text")
-    emit(output_format, result, lambda: (
-        f"{len(result['experts'])} expert(s) in {workdir / 'experts'} "
-        f"({len(result['trained'])} trained now in {result['seconds']:.0f} s with {workers} worker(s))"
-        + (f"\nDense baseline: {result['dense']}" if result["dense"] else "")
+    budget = result["budget"]
+    emit(output_format, result, lambda: "\n".join(
+        [f"{len(result['experts'])} expert(s) in {workdir / 'experts'} "
+         f"({len(result['trained'])} trained now in {result['seconds']:.0f} s with {workers} worker(s))"]
+        + ([f"Shared seed: {result['seed']} ({budget['seed_tokens']} tokens, {budget['seed_fraction']:.0%} of the "
+            f"total)"] if result["seed"] else [])
+        + [f"Tokens: seed {budget['seed_tokens']} + {budget['topics']} experts x {budget['expert_tokens']} = "
+           f"{budget['dense_tokens']} (the dense baseline's budget)"]
+        + ([f"Dense baseline: {result['dense']}"] if result["dense"] else [])
     ))
 
 

@@ -15,6 +15,8 @@ from .._validators import validate_finite_or_none, validate_positive_int, valida
 from ..hub.config import _Serializable, validate_expert_id
 
 SCHEDULES = ("cosine", "linear", "constant")
+#: The ``target_modules`` value that adapts every linear layer but the output head (PEFT's shorthand).
+ALL_LINEAR = "all-linear"
 
 
 def _check_range(value: Any, *, field: str, low: float, high: float = math.inf,
@@ -59,7 +61,9 @@ class TrainConfig(_Serializable):
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
     dropout: float = field(default=0.0, metadata={"help": "LoRA dropout, in [0, 1)."})
     target_modules: tuple[str, ...] = field(
-        default=("q_proj", "v_proj"), metadata={"help": "Module names that get LoRA (same for all experts)."})
+        default=("q_proj", "v_proj"),
+        metadata={"help": "Module names that get LoRA (same for all experts), or ('all-linear',): every linear "
+                          "layer but the output head, as the MoIN paper adapts them."})
     learning_rate: float = field(default=5e-4, metadata={"help": "Peak AdamW learning rate."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per training block."})
     batch_size: int = field(default=4, metadata={"help": "Blocks per optimizer step."})
@@ -67,6 +71,11 @@ class TrainConfig(_Serializable):
         default=200_000, metadata={"help": "Token budget: train ceil(budget / (seq_len * batch_size)) steps, "
                                            "repeating the topic's blocks (epochs) as needed."})
     max_steps: int | None = field(default=None, metadata={"help": "Cap on optimizer steps (None: the budget decides)."})
+    seed_fraction: float = field(
+        default=0.0, metadata={"help": "Branch-train: the share, in [0, 1), of the TOTAL budget (topics x "
+                                       "tokens_per_expert) spent first on one shared seed LoRA trained on all "
+                                       "topics; every expert starts from the seed and spends the rest of its "
+                                       "share on its topic alone. 0: experts start from scratch (plain MoIN)."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of the steps with linear warmup."})
     schedule: str = field(default="cosine", metadata={"help": "Decay after warmup: 'cosine', 'linear' or 'constant'."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the LoRA weights."})
@@ -95,6 +104,7 @@ class TrainConfig(_Serializable):
         self.dropout = _check_range(self.dropout, field="dropout", low=0, high=1)
         self.learning_rate = _check_range(self.learning_rate, field="learning_rate", low=0, high=1, low_open=True)
         self.warmup_ratio = _check_range(self.warmup_ratio, field="warmup_ratio", low=0, high=1)
+        self.seed_fraction = _check_range(self.seed_fraction, field="seed_fraction", low=0, high=1)
         self.weight_decay = _check_range(self.weight_decay, field="weight_decay", low=0)
         if self.grad_clip is not None:
             self.grad_clip = _check_range(self.grad_clip, field="grad_clip", low=0, low_open=True)
@@ -105,6 +115,8 @@ class TrainConfig(_Serializable):
         if isinstance(modules, str) or not modules or not all(isinstance(m, str) and m for m in modules):
             raise ValueError(f"target_modules must be a non-empty list of module names, got {modules!r}.")
         self.target_modules = tuple(modules)
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise ValueError(f"target_modules: {ALL_LINEAR!r} stands alone, got {modules!r}.")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
         if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):
@@ -122,6 +134,129 @@ class TrainConfig(_Serializable):
         """Optimizer steps of one expert: the token budget in whole steps, capped by ``max_steps``."""
         steps = math.ceil(self.tokens_per_expert / self.tokens_per_step)
         return min(steps, self.max_steps) if self.max_steps else steps
+
+    @property
+    def peft_target_modules(self) -> str | list[str]:
+        """``target_modules`` as PEFT's ``LoraConfig`` takes it (``"all-linear"`` or a list of names)."""
+        return ALL_LINEAR if self.target_modules == (ALL_LINEAR,) else list(self.target_modules)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """The steps and learning-rate schedule of one LoRA's training: linear warmup over ``warmup`` steps, then
+    ``schedule`` (cosine / linear decay to 0, or constant) until ``steps``."""
+
+    name: str
+    steps: int
+    warmup: int
+    schedule: str
+
+    def __post_init__(self) -> None:
+        validate_positive_int(self.steps, field="steps")
+        if not 0 <= self.warmup <= self.steps:
+            raise ValueError(f"warmup must be in [0, steps={self.steps}], got {self.warmup!r}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "steps": self.steps, "warmup": self.warmup, "schedule": self.schedule}
+
+
+def scratch_phase(config: TrainConfig, steps: int | None = None, name: str = "expert") -> Phase:
+    """An ordinary run of ``steps`` steps (default ``config.steps``): warmup, then ``config.schedule``."""
+    steps = config.steps if steps is None else steps
+    return Phase(name, steps, min(steps, round(config.warmup_ratio * steps)), config.schedule)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The token accounting of one training run, in whole optimizer steps of ``tokens_per_step`` tokens.
+
+    A shared seed (``seed_steps``, on all topics) and ``topics`` experts (``expert_steps`` each, on their
+    topic alone) together take exactly the dense baseline's steps: ``seed_steps + topics * expert_steps ==
+    dense_steps == topics * TrainConfig.steps``.
+
+    Example:
+        >>> b = plan_budget(TrainConfig(tokens_per_expert=4096, batch_size=2, seed_fraction=0.5), topics=6)
+        >>> (b.seed_steps, b.expert_steps, b.dense_steps)
+        (24, 4, 48)
+        >>> b.seed_tokens + b.topics * b.expert_tokens == b.dense_tokens
+        True
+    """
+
+    topics: int
+    tokens_per_step: int
+    seed_steps: int
+    expert_steps: int
+
+    @property
+    def dense_steps(self) -> int:
+        return self.seed_steps + self.topics * self.expert_steps
+
+    @property
+    def seed_tokens(self) -> int:
+        return self.seed_steps * self.tokens_per_step
+
+    @property
+    def expert_tokens(self) -> int:
+        return self.expert_steps * self.tokens_per_step
+
+    @property
+    def dense_tokens(self) -> int:
+        return self.dense_steps * self.tokens_per_step
+
+    @property
+    def seed_fraction(self) -> float:
+        """The seed's actual share of the total (the asked fraction, rounded to whole steps per topic)."""
+        return self.seed_steps / self.dense_steps
+
+    def expert_phase(self, config: TrainConfig) -> Phase:
+        """How each expert trains: from scratch (warmup, then the config's decay) or, after a seed, as the
+        seed's continuation: no second warmup, the decay over the branch's own steps. Seed + branch are
+        then one warmup-stable-decay run whose decay is spent on the expert's topic alone."""
+        if not self.seed_steps:
+            return scratch_phase(config, self.expert_steps)
+        return Phase("branch", self.expert_steps, 0, config.schedule)
+
+    def seed_phase(self, config: TrainConfig) -> Phase | None:
+        """How the shared seed trains (None without one): the warmup the dense run would have, then a constant
+        learning rate; the decay is left to the experts that branch from it."""
+        if not self.seed_steps:
+            return None
+        return Phase("seed", self.seed_steps, min(self.seed_steps, round(config.warmup_ratio * self.dense_steps)),
+                     "constant")
+
+    def dense_phase(self, config: TrainConfig) -> Phase:
+        """How the dense baseline trains: all ``dense_steps`` as one ordinary run (warmup, then decay)."""
+        return scratch_phase(config, self.dense_steps, "dense")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"topics": self.topics, "tokens_per_step": self.tokens_per_step, "seed_steps": self.seed_steps,
+                "expert_steps": self.expert_steps, "dense_steps": self.dense_steps, "seed_tokens": self.seed_tokens,
+                "expert_tokens": self.expert_tokens, "dense_tokens": self.dense_tokens,
+                "seed_fraction": round(self.seed_fraction, 6)}
+
+
+def plan_budget(config: TrainConfig, topics: int) -> Budget:
+    """Split the run's total budget (``topics`` x ``config.steps`` steps) into a seed and the experts' branches.
+
+    Each topic gives ``round(seed_fraction * steps)`` of its steps to the seed (at least 1 when
+    ``seed_fraction > 0``, and never all of them: an expert keeps at least one step on its topic).
+
+    Raises:
+        ValueError: ``topics`` is not a positive integer, or a branch-train run whose experts have a single
+            step each (nothing to give the seed).
+    """
+    validate_positive_int(topics, field="topics")
+    per_topic = config.steps
+    to_seed = 0
+    if config.seed_fraction > 0:
+        if per_topic < 2:
+            raise ValueError(f"seed_fraction={config.seed_fraction}: each expert has only {per_topic} step; "
+                             "give a larger tokens_per_expert to branch from a seed.")
+        to_seed = min(per_topic - 1, max(1, round(config.seed_fraction * per_topic)))
+    return Budget(topics=topics, tokens_per_step=config.tokens_per_step, seed_steps=topics * to_seed,
+                  expert_steps=per_topic - to_seed)
 
 
 @dataclass

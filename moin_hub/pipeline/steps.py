@@ -26,16 +26,16 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..errors import MoinHubError
-from ..hub.client import get_api, resolve_endpoint
-from ..hub.config import EmbedderSpec, PinnedModel, utc_now
+from ..hub.client import get_api, resolve_endpoint, sha256_file
+from ..hub.config import ADAPTER_WEIGHTS_FILENAME, EmbedderSpec, PinnedModel, utc_now
 from ..hub.embed import download_model_dir, load_embedder
 from ..hub.mixing import MODES
 from ..hub.registry import embedder_dimension, resolve_pinned
 from .brown import load_brown
 from .corpus import Document, describe, load_documents
 from .io import write_json, write_jsonl
-from .jobs import TopicJob, TrainConfig
-from .train import TRAINING_FILENAME, is_finished, train_dense, train_experts
+from .jobs import TopicJob, TrainConfig, plan_budget
+from .train import TRAINING_FILENAME, is_finished, train_dense, train_experts, train_seed
 from .workspace import (
     DEFAULT_QUERY_WORDS,
     DENSE_DIR,
@@ -43,6 +43,7 @@ from .workspace import (
     EMBEDDINGS_FILENAME,
     EXPERTS_DIR,
     REPORT_FILENAME,
+    SEED_ID,
     Workspace,
     _read_jsonl,
     query_of,
@@ -222,30 +223,84 @@ def train(workdir: str | os.PathLike, config: TrainConfig | None = None, *, work
           token: str | bool | None = None, progress: bool = True) -> dict[str, Any]:
     """Train one expert per topic into ``<workdir>/experts`` (and the dense baseline with ``dense=True``).
 
-    Finished experts are skipped; a failure loses only that expert (see :func:`train_experts`).
+    With ``config.seed_fraction > 0`` (branch-train), one shared seed LoRA is first trained on all topics
+    into ``<workdir>/seed`` with that share of the total budget, and every expert continues from it on its
+    topic alone; :func:`~moin_hub.pipeline.jobs.plan_budget` keeps seed + experts = dense, in tokens.
+
+    Finished experts are skipped; a failure loses only that expert (see :func:`train_experts`). Finished
+    experts (and the seed) must have been trained with the same settings, and from the same seed: a rerun
+    with other settings is refused rather than mixing two kinds of experts in one workspace.
 
     Returns:
-        ``{"experts": {id: folder}, "dense": folder | None, "seconds": wall time, "workers": n,
-        "trained": ids trained by this call}``.
+        ``{"experts": {id: folder}, "seed": folder | None, "dense": folder | None, "budget": the token
+        accounting, "seconds": wall time, "workers": n, "trained": ids trained by this call}``.
+
+    Raises:
+        MoinHubError: finished experts or seed in ``workdir`` were trained with other settings.
+        ExpertTrainingError: some experts failed (the others are on disk).
     """
     workdir = Path(workdir)
     workspace = Workspace.load(workdir)
     config = config or TrainConfig()
     jobs = make_jobs(workdir)
+    budget = plan_budget(config, len(jobs))
     base_dir = str(base_model_dir(workspace, endpoint=endpoint, token=token))
-    kw = {"base_model_dir_or_loader": base_dir, "base_model_id": workspace.base_model.repo_id,
-          "base_revision": workspace.base_model.revision, "progress": progress}
+    kw = {"base_model_id": workspace.base_model.repo_id, "base_revision": workspace.base_model.revision,
+          "progress": progress}
     todo = [job.expert_id for job in jobs if not is_finished(workdir / EXPERTS_DIR / job.expert_id)]
     start = time.perf_counter()
-    folders = train_experts(jobs, workdir / EXPERTS_DIR, config, workers=workers, executor=executor, **kw)
+    seed_dir = None
+    if budget.seed_steps:
+        check_finished(workdir / SEED_ID, config)
+        seed_dir = train_seed(base_dir, jobs, workdir, config, expert_id=SEED_ID, **kw)
+    seed_sha = sha256_file(seed_dir / ADAPTER_WEIGHTS_FILENAME) if seed_dir else None
+    for job in jobs:
+        check_finished(workdir / EXPERTS_DIR / job.expert_id, config, seed_sha=seed_sha)
+    folders = train_experts(jobs, workdir / EXPERTS_DIR, config, base_model_dir_or_loader=base_dir, workers=workers,
+                            executor=executor, phase=budget.expert_phase(config), init_from=seed_dir, **kw)
     seconds = time.perf_counter() - start
     dense_dir = None
     if dense:
-        dense_dir = train_dense(kw.pop("base_model_dir_or_loader"), jobs, workdir / DENSE_DIR, config,
-                                expert_id=DENSE_ID, **kw)
+        check_finished(workdir / DENSE_DIR / DENSE_ID, config, ignore=("seed_fraction",))  # same steps either way
+        dense_dir = train_dense(base_dir, jobs, workdir / DENSE_DIR, config, expert_id=DENSE_ID, **kw)
     return {"experts": {job.expert_id: str(f) for job, f in zip(jobs, folders, strict=True)},
-            "dense": str(dense_dir) if dense_dir else None, "seconds": round(seconds, 2), "workers": workers,
-            "trained": todo}
+            "seed": str(seed_dir) if seed_dir else None, "dense": str(dense_dir) if dense_dir else None,
+            "budget": budget.to_dict(), "seconds": round(seconds, 2), "workers": workers, "trained": todo}
+
+
+#: TrainConfig fields that may differ between the experts of one workspace (where and how fast they ran).
+_RUNTIME_FIELDS = frozenset({"torch_threads", "device", "bf16", "eval_max_tokens", "eval_batch_size"})
+
+
+def check_finished(folder: Path, config: TrainConfig, *, seed_sha: str | None = None,
+                   ignore: Sequence[str] = ()) -> None:
+    """Refuse a finished expert (or seed, or baseline) in ``folder`` trained with other settings than
+    ``config`` (runtime fields aside), or branched from another seed than ``seed_sha`` (or from one when
+    ``seed_sha`` is None). ``ignore`` names more fields that may differ. Unfinished folders pass: they are
+    trained.
+
+    Raises:
+        MoinHubError: what differs, with the folder to remove.
+    """
+    path = folder / TRAINING_FILENAME
+    if not is_finished(folder) or not path.is_file():
+        return
+    record = json.loads(path.read_text(encoding="utf-8"))
+    skip = _RUNTIME_FIELDS | set(ignore)
+    now = json.loads(json.dumps(config.to_dict()))  # as training.json holds it (tuples become lists)
+    # fields added since the folder was trained hold their defaults there
+    was = {**json.loads(json.dumps(TrainConfig().to_dict())), **record.get("config", {})}
+    was, now = ({k: v for k, v in d.items() if k not in skip} for d in (was, now))
+    differ = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+    if differ:
+        changes = ", ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in differ)
+        raise MoinHubError(f"{folder} was trained with other settings ({changes}).",
+                           hint=f"Remove {folder} to retrain it, or train into a new workspace.")
+    seeded = (record.get("seed") or {}).get("sha256")
+    if folder.name != SEED_ID and seeded != seed_sha:
+        raise MoinHubError(f"{folder} was branched from {'no seed' if not seeded else 'another seed'}, not from "
+                           f"{'the current seed' if seed_sha else 'none'}.",
+                           hint=f"Remove {folder} to retrain it from the current seed.")
 
 
 def expert_dirs(workdir: str | os.PathLike) -> dict[str, Path]:

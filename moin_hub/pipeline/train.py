@@ -26,6 +26,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import logging
 import math
 import multiprocessing
@@ -43,12 +44,13 @@ from tqdm.auto import tqdm
 from .._validators import validate_commit_sha, validate_positive_int, validate_repo_id
 from .._version import __version__
 from ..errors import ExpertTrainingError, InvalidExpertError
-from ..hub.config import EXPERT_METADATA_FILENAME, ExpertMetadata, utc_now
+from ..hub.client import sha256_file
+from ..hub.config import ADAPTER_WEIGHTS_FILENAME, EXPERT_METADATA_FILENAME, ExpertMetadata, utc_now
 from ..hub.expert import write_centroid
 from ..hub.loading import load_base, quiet_peft
 from .evaluate import autocast, build_blocks, perplexity, resolve_bf16
 from .io import write_json
-from .jobs import TopicJob, TrainConfig
+from .jobs import Phase, TopicJob, TrainConfig, plan_budget, scratch_phase
 
 logger = logging.getLogger(__name__)
 
@@ -117,13 +119,52 @@ def _add_lora(model: Any, config: TrainConfig, base_model_id: str, base_revision
 
     model.requires_grad_(False)
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                      target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+                      target_modules=config.peft_target_modules, bias="none", task_type="CAUSAL_LM")
     with quiet_peft():
         peft_model = get_peft_model(model, lora)
     saved = peft_model.peft_config["default"]
     saved.base_model_name_or_path = base_model_id  # not the local folder it was loaded from
     saved.revision = base_revision
+    saved.target_modules = _short_names(peft_model, saved.target_modules)
     return peft_model
+
+
+def _short_names(model: Any, targets: Any) -> Any:
+    """The adapted modules as their last name (``{"q_proj", "down_proj", ...}``, what a card, a registry row
+    and a hot-swap compare), where those names select exactly the same modules as ``targets`` (PEFT
+    resolves ``"all-linear"`` to one full path per layer); else ``targets`` unchanged."""
+    adapted = {name for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    short = {name.rsplit(".", 1)[-1] for name in adapted}
+    matched = {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in short}
+    return short if matched == adapted else targets
+
+
+def _start_from(model: Any, seed_dir: Path) -> str:
+    """Copy the seed's LoRA weights (``<seed_dir>/adapter_model.safetensors``) into ``model``'s fresh LoRA.
+
+    Returns:
+        The sha256 of the seed's weights file (recorded with each expert branched from it).
+
+    Raises:
+        InvalidExpertError: the seed is missing, or its tensors do not match the new LoRA's names and shapes
+            (another rank, alpha or set of target modules).
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = seed_dir / ADAPTER_WEIGHTS_FILENAME
+    if not is_finished(seed_dir) or not weights.is_file():
+        raise InvalidExpertError(str(seed_dir), "is not a finished seed adapter; train the seed first")
+    state = load_file(str(weights))
+    own = get_peft_model_state_dict(model, save_embedding_layers=False)  # "auto" would look the base up on a Hub
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    wanted = {k: tuple(v.shape) for k, v in own.items()}
+    if shapes != wanted:
+        differ = sorted(set(shapes.items()) ^ set(wanted.items()))[:3]
+        raise InvalidExpertError(str(seed_dir), "its LoRA tensors differ from this run's (rank, alpha or target "
+                                                f"modules changed?), e.g. {differ}")
+    set_peft_model_state_dict(model, state)
+    return sha256_file(weights)
 
 
 def _lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
@@ -163,15 +204,14 @@ def _train_step(model: Any, batch: torch.Tensor, optimizer: torch.optim.Optimize
     return loss.item()
 
 
-def _fit(model: Any, blocks: torch.Tensor, config: TrainConfig, *, bf16: bool, desc: str,
+def _fit(model: Any, blocks: torch.Tensor, config: TrainConfig, phase: Phase, *, bf16: bool, desc: str,
          progress: bool) -> dict[str, Any]:
-    """Train the LoRA weights of ``model`` for ``config.steps`` steps; return what was measured."""
+    """Train the LoRA weights of ``model`` for ``phase.steps`` steps; return what was measured."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps = config.steps
-    factor = functools.partial(_lr_factor, warmup=round(config.warmup_ratio * steps), total=steps,
-                               schedule=config.schedule)
+    steps = phase.steps
+    factor = functools.partial(_lr_factor, warmup=phase.warmup, total=steps, schedule=phase.schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     batches = _batches(blocks, config.batch_size, config.seed)
     losses: list[float] = []
@@ -188,7 +228,7 @@ def _fit(model: Any, blocks: torch.Tensor, config: TrainConfig, *, bf16: bool, d
     model.eval()
     tail = losses[-min(10, len(losses)):]
     return {
-        "steps": steps, "tokens": steps * config.tokens_per_step, "seconds": round(seconds, 3),
+        "phase": phase.to_dict(), "steps": steps, "tokens": steps * config.tokens_per_step, "seconds": round(seconds, 3),
         "tokens_per_second": round(steps * config.tokens_per_step / seconds, 1),
         "initial_loss": losses[0], "final_loss": sum(tail) / len(tail), "losses": losses,
     }
@@ -234,9 +274,10 @@ def _write_expert(folder: Path, model: Any, job: TopicJob, config: TrainConfig, 
     write_json(folder / EXPERT_METADATA_FILENAME, metadata.to_dict())
 
 
-def _train_into(folder: Path, source: BaseSource, job: TopicJob, config: TrainConfig, *, base_model_id: str,
-                base_revision: str, progress: bool) -> None:
-    """Load the base, train the job's LoRA, measure it, and write the expert into ``folder``."""
+def _train_into(folder: Path, source: BaseSource, job: TopicJob, config: TrainConfig, phase: Phase, *,
+                base_model_id: str, base_revision: str, init_from: Path | None, progress: bool) -> None:
+    """Load the base, train the job's LoRA (from ``init_from``'s weights if given), measure it, and write the
+    expert into ``folder``."""
     model, tokenizer = _load_base(source, base_revision)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = resolve_bf16(config.bf16, device)
@@ -245,8 +286,11 @@ def _train_into(folder: Path, source: BaseSource, job: TopicJob, config: TrainCo
         raise ValueError(f"job {job.expert_id!r}: its texts hold fewer tokens than one block "
                          f"(seq_len={config.seq_len}); give more text or a shorter seq_len.")
     torch.manual_seed(config.seed)
-    model = _add_lora(model, config, base_model_id, base_revision).to(device)
-    measured = _fit(model, blocks, config, bf16=bf16, desc=job.expert_id, progress=progress)
+    model = _add_lora(model, config, base_model_id, base_revision)
+    branched = {"seed": {"path": str(init_from), "sha256": _start_from(model, init_from)}} if init_from else {}
+    model = model.to(device)
+    measured = _fit(model, blocks, config, phase, bf16=bf16, desc=job.expert_id, progress=progress)
+    measured.update(branched)
     measured.update(_held_out(model, tokenizer, job, config))
     measured.update(base_model=base_model_id, base_revision=base_revision, device=str(device), bf16=bf16,
                     torch_threads=torch.get_num_threads(), topic_blocks=blocks.shape[0],
@@ -256,7 +300,7 @@ def _train_into(folder: Path, source: BaseSource, job: TopicJob, config: TrainCo
 
 def train_expert(base_model_dir_or_loader: BaseSource, job: TopicJob, out_dir: str | Path,
                  config: TrainConfig | None = None, *, base_model_id: str, base_revision: str,
-                 progress: bool = True) -> Path:
+                 phase: Phase | None = None, init_from: str | Path | None = None, progress: bool = True) -> Path:
     """Train one expert and write its folder ``<out_dir>/<job.expert_id>``; skip it if already finished.
 
     The base model is loaded (safetensors only, no remote code) and frozen; a fresh LoRA is trained with
@@ -273,6 +317,10 @@ def train_expert(base_model_dir_or_loader: BaseSource, job: TopicJob, out_dir: s
         config: training settings (default :class:`TrainConfig`).
         base_model_id: the base model's Hub id, written as ``base_model_name_or_path`` of the adapter.
         base_revision: the base's pinned 40-hex commit, written as the adapter's ``revision``.
+        phase: the steps and learning-rate schedule (default: ``config.steps`` steps, warmup, then
+            ``config.schedule``); see :meth:`Budget.expert_phase`.
+        init_from: a finished seed folder whose LoRA weights the expert starts from (branch-train); its
+            sha256 is recorded in ``training.json``. Default: a fresh LoRA.
         progress: show a tqdm bar (tokens/s, loss).
 
     Returns:
@@ -290,6 +338,7 @@ def train_expert(base_model_dir_or_loader: BaseSource, job: TopicJob, out_dir: s
     validate_repo_id(base_model_id, field="base_model_id", namespaced=False)
     validate_commit_sha(base_revision, field="base_revision")
     config = config or TrainConfig()
+    phase = phase or scratch_phase(config)
     out_dir = Path(out_dir)
     final = out_dir / job.expert_id
     if is_finished(final):
@@ -304,8 +353,9 @@ def train_expert(base_model_dir_or_loader: BaseSource, job: TopicJob, out_dir: s
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with _torch_threads(config.torch_threads):
-            _train_into(tmp, base_model_dir_or_loader, job, config, base_model_id=base_model_id,
-                        base_revision=base_revision, progress=progress)
+            _train_into(tmp, base_model_dir_or_loader, job, config, phase, base_model_id=base_model_id,
+                        base_revision=base_revision, init_from=Path(init_from) if init_from else None,
+                        progress=progress)
         _move_into_place(tmp, final)
     finally:  # after a crash (or losing a race), the temporary folder goes; after success it is gone already
         shutil.rmtree(tmp, ignore_errors=True)
@@ -393,7 +443,8 @@ def _run_ray(jobs: Sequence[TopicJob], kwargs: dict[str, Any], threads: int) -> 
 
 def train_experts(jobs: Sequence[TopicJob], out_dir: str | Path, config: TrainConfig | None = None, *,
                   base_model_dir_or_loader: BaseSource, base_model_id: str, base_revision: str,
-                  workers: int = 1, executor: str = "local", progress: bool = True) -> list[Path]:
+                  workers: int = 1, executor: str = "local", phase: Phase | None = None,
+                  init_from: str | Path | None = None, progress: bool = True) -> list[Path]:
     """Train many experts independently (no communication between them), in parallel processes.
 
     Finished experts on disk are skipped, so rerunning after a crash trains only what is missing. One
@@ -410,6 +461,9 @@ def train_experts(jobs: Sequence[TopicJob], out_dir: str | Path, config: TrainCo
             threads (and ``num_cpus``) of each task; the cluster decides how many run at once.
         executor: ``"local"`` (``ProcessPoolExecutor`` with the ``spawn`` start method) or ``"ray"`` (one
             ``ray.remote`` task per expert; joins a running cluster, else starts a local one).
+        phase / init_from: as in :func:`train_expert`, the same for every expert (branch-train: the seed
+            folder and :meth:`Budget.expert_phase`; on a multi-node Ray cluster the seed folder, like
+            ``out_dir``, must be on storage every node sees).
 
     Returns:
         The expert folders, in the order of ``jobs``.
@@ -439,7 +493,7 @@ def train_experts(jobs: Sequence[TopicJob], out_dir: str | Path, config: TrainCo
     out_dir = Path(out_dir)
     kwargs = {"base_model_dir_or_loader": base_model_dir_or_loader, "out_dir": out_dir,
               "config": dataclasses.replace(config, torch_threads=threads), "base_model_id": base_model_id,
-              "base_revision": base_revision, "progress": progress}
+              "base_revision": base_revision, "phase": phase, "init_from": init_from, "progress": progress}
     pending = [job for job in jobs if not is_finished(out_dir / job.expert_id)]
     if not pending:
         failures = {}
@@ -455,15 +509,32 @@ def train_experts(jobs: Sequence[TopicJob], out_dir: str | Path, config: TrainCo
     return [out_dir / i for i in ids]
 
 
+def _all_topics_job(jobs: Sequence[TopicJob], expert_id: str, title: str) -> TopicJob:
+    """One job over every topic's texts: centroid = the normalised mean of the topics' centroids, held-out
+    texts = all topics' ``eval_texts``. The texts are put in an order that does not depend on how the corpus
+    was clustered (sorted by a hash), so any clustering of the same corpus gives the same job."""
+    if not jobs:
+        raise ValueError(f"jobs is empty: {expert_id!r} needs the topics' texts.")
+    dims = {job.centroid.shape[0] for job in jobs}
+    if len(dims) > 1:
+        raise ValueError(f"jobs have centroids of different dimensions {sorted(dims)}.")
+    centroid = np.mean([job.centroid / np.linalg.norm(job.centroid) for job in jobs], axis=0)
+    texts = sorted((t for job in jobs for t in job.texts), key=lambda t: hashlib.sha256(t.encode()).digest())
+    eval_texts = [t for job in jobs for t in job.eval_texts or []]
+    return TopicJob(expert_id, texts=texts, centroid=centroid / np.linalg.norm(centroid),
+                    samples=[job.samples[0] for job in jobs if job.samples][:5], title=title,
+                    eval_texts=eval_texts or None)
+
+
 def train_dense(base_model_dir_or_loader: BaseSource, jobs: Sequence[TopicJob], out_dir: str | Path,
                 config: TrainConfig | None = None, *, base_model_id: str, base_revision: str,
                 expert_id: str = "dense", progress: bool = True) -> Path:
     """The dense baseline: ONE LoRA on all topics' texts, with the experts' TOTAL token budget.
 
-    Same config as the experts (rank, modules, learning rate, schedule), but ``tokens_per_expert`` (and
-    ``max_steps``, if set) times the number of topics, so it sees as many tokens as all experts together.
-    Its folder has the expert layout: centroid = the normalised mean of the topics' centroids, held-out
-    texts = all topics' ``eval_texts``.
+    Same config as the experts (rank, modules, learning rate, schedule), but ``len(jobs)`` times the steps
+    of one expert (:attr:`Budget.dense_steps`), so it sees as many tokens as all experts together (and, with
+    ``seed_fraction``, as the seed and the experts together). Its folder has the expert layout (see
+    :func:`_all_topics_job`).
 
     Args:
         base_model_dir_or_loader / out_dir / base_model_id / base_revision / progress: as in
@@ -478,20 +549,35 @@ def train_dense(base_model_dir_or_loader: BaseSource, jobs: Sequence[TopicJob], 
     Raises:
         ValueError: no jobs, or centroids of different dimensions.
     """
-    if not jobs:
-        raise ValueError("jobs is empty: the dense baseline needs the topics' texts.")
     config = config or TrainConfig()
-    n = len(jobs)
-    dense_config = dataclasses.replace(config, tokens_per_expert=config.tokens_per_expert * n,
-                                       max_steps=config.max_steps * n if config.max_steps else None)
-    dims = {job.centroid.shape[0] for job in jobs}
-    if len(dims) > 1:
-        raise ValueError(f"jobs have centroids of different dimensions {sorted(dims)}.")
-    centroid = np.mean([job.centroid / np.linalg.norm(job.centroid) for job in jobs], axis=0)
-    eval_texts = [t for job in jobs for t in job.eval_texts or []]
-    dense = TopicJob(expert_id, texts=[t for job in jobs for t in job.texts],
-                     centroid=centroid / np.linalg.norm(centroid),
-                     samples=[job.samples[0] for job in jobs if job.samples][:5],
-                     title=f"Dense baseline: one LoRA on all {n} topics", eval_texts=eval_texts or None)
-    return train_expert(base_model_dir_or_loader, dense, out_dir, dense_config, base_model_id=base_model_id,
-                        base_revision=base_revision, progress=progress)
+    job = _all_topics_job(jobs, expert_id, f"Dense baseline: one LoRA on all {len(jobs)} topics")
+    return train_expert(base_model_dir_or_loader, job, out_dir, config, base_model_id=base_model_id,
+                        base_revision=base_revision, phase=plan_budget(config, len(jobs)).dense_phase(config),
+                        progress=progress)
+
+
+def train_seed(base_model_dir_or_loader: BaseSource, jobs: Sequence[TopicJob], out_dir: str | Path,
+               config: TrainConfig, *, base_model_id: str, base_revision: str, expert_id: str = "seed",
+               progress: bool = True) -> Path:
+    """Branch-train's shared seed: ONE LoRA on all topics' texts with ``config.seed_fraction`` of the total
+    budget (:attr:`Budget.seed_steps`), which every expert then starts from (:func:`train_experts` with
+    ``init_from``). Warmup, then a constant learning rate: the experts' branches do the decay.
+
+    Its folder has the expert layout, so it can be pushed and served like any expert (e.g. as a registry's
+    fallback for queries that match no topic). Finished seeds are never retrained.
+
+    Args:
+        as in :func:`train_dense`.
+
+    Returns:
+        The seed's folder ``<out_dir>/<expert_id>``.
+
+    Raises:
+        ValueError: ``config.seed_fraction`` is 0, no jobs, or centroids of different dimensions.
+    """
+    phase = plan_budget(config, len(jobs)).seed_phase(config)
+    if phase is None:
+        raise ValueError("config.seed_fraction is 0: there is no seed to train.")
+    job = _all_topics_job(jobs, expert_id, f"Shared seed of {len(jobs)} topic experts")
+    return train_expert(base_model_dir_or_loader, job, out_dir, config, base_model_id=base_model_id,
+                        base_revision=base_revision, phase=phase, progress=progress)

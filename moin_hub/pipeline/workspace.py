@@ -36,6 +36,8 @@ EMBEDDINGS_FILENAME = "embeddings.safetensors"
 EXPERTS_DIR = "experts"
 DENSE_DIR = "baselines"
 DENSE_ID = "dense"
+#: The shared seed of branch-train (``TrainConfig.seed_fraction > 0``): ``<workspace>/seed``.
+SEED_ID = "seed"
 #: Words of a held-out document used as its "query" when routing is scored.
 DEFAULT_QUERY_WORDS = 32
 
