@@ -61,10 +61,10 @@ def main() -> int:
     from moin_hub.hub.assets import publish_default_assets
     from moin_hub.local_hub.server import LocalHub
     from moin_hub.pipeline.jobs import TrainConfig
+    from moin_hub.pipeline.report import evaluate
     from moin_hub.pipeline.steps import (
         base_model_dir,
         cluster,
-        evaluate,
         load_corpus,
         make_jobs,
         resolve_models,

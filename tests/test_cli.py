@@ -85,15 +85,15 @@ def test_known_errors_are_one_line_messages(hub, registry_id):
 
 def test_evaluate_modes_are_checked_before_anything_loads(tmp_path):
     from moin_hub.cli.pipeline import MODE_NAMES
-    from moin_hub.hub.mixing import MODES
+    from moin_hub.pipeline.modes import EVAL_MODES
 
-    assert MODE_NAMES == MODES
+    assert MODE_NAMES == EVAL_MODES
     for bad, named in (("top1,best", "'best'"), (" , ", "' , '")):
         code, out, err = invoke("evaluate", str(tmp_path), "--modes", bad)
         errors = [line for line in err.splitlines() if line.startswith("Error")]
         assert code == 2 and out == "" and len(errors) == 1
         assert errors[0].startswith("Error: Invalid value for '--modes'") and named in errors[0]
-        assert "top1, topk, adaptive" in errors[0]
+        assert "top1, topk, adaptive, arrow" in errors[0]
     code, _, err = invoke("evaluate", str(tmp_path), "--modes", "adaptive,top1")  # valid: on to the workspace
     assert code == 1 and "not a moin-hub workspace" in err
 

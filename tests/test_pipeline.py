@@ -16,8 +16,8 @@ import pytest
 
 from moin_hub import Registry, Router
 from moin_hub.errors import MoinHubError
-from moin_hub.pipeline.report import format_report
-from moin_hub.pipeline.steps import check_targets, load_corpus, routing_scores
+from moin_hub.pipeline.report import check_targets, format_report, routing_scores
+from moin_hub.pipeline.steps import load_corpus
 from moin_hub.pipeline.workspace import Workspace
 from tests._helpers import QUERIES
 from tests._tiny import TOPIC_TEXTS
@@ -76,16 +76,28 @@ def test_cluster_train_evaluate_push_route(hub, tmp_path):
         assert Path(plot).read_bytes()[:8] == PNG_MAGIC
     assert json.loads((work / "report.json").read_text()) == report
     modes = report["perplexity"]["overall"]["modes"]
-    assert list(modes) == ["top1", "topk", "adaptive", "base"] and report["perplexity"]["mixing"]["k"] == 3
+    assert list(modes) == ["top1", "topk", "adaptive", "arrow", "base", "oracle", "dense"]
+    assert report["perplexity"]["mixing"]["k"] == 3
     assert len({m["tokens"] for m in modes.values()}) == 1  # every mode scores the same tokens
     assert modes["top1"]["mean_experts"] == 1 and modes["topk"]["mean_experts"] >= modes["adaptive"]["mean_experts"]
     assert 1 <= modes["adaptive"]["mean_experts"] <= 3 and all(m["tokens"] > 0 for m in modes.values())
     assert all(list(s["modes"]) == list(modes) for s in topics.values())
     text = format_report(report).splitlines()
-    assert [line.split()[1] for line in text if line.startswith("Mode ")] == ["top1", "topk", "adaptive", "base"]
+    assert [line.split()[1] for line in text if line.startswith("Mode ")] == list(modes)
+    calibration = report["calibration"]  # not given: calibrated on the training documents' queries
+    assert report["perplexity"]["mixing"]["temperature"] == calibration["temperature"] > 0
+    assert calibration["queries"] == clustered["train_documents"]
+    assert 0 < modes["arrow"]["experts_per_token"] <= 3 and modes["arrow"]["mean_experts"] == 3
+    assert modes["oracle"]["ppl"] < modes["base"]["ppl"] and modes["dense"]["ppl"] < modes["base"]["ppl"]
+    assert report["targets"]["measured"]["top1_vs_dense"] == pytest.approx(modes["top1"]["ppl"] / modes["dense"]["ppl"],
+                                                                          abs=1e-4)
+    for scores in topics.values():  # each topic says whether its routed documents did worse than the base
+        assert scores["worse_than_base"] == (scores["routed_ppl"] > scores["base_ppl"]
+                                             or scores["modes"]["top1"]["ppl"] > scores["modes"]["base"]["ppl"])
+    assert report["targets"]["topics_worse_than_base"] == sorted(t for t, v in topics.items() if v["worse_than_base"])
     only = run_json("evaluate", str(work), "--seq-len", "16", "--modes", "topk,top1", "-k", "1", "--no-plots",
                     *hubopts)["perplexity"]["overall"]["modes"]
-    assert list(only) == ["topk", "top1", "base"]
+    assert list(only) == ["topk", "top1", "base", "oracle", "dense"]
     assert only["topk"]["ppl"] == only["top1"]["ppl"] == modes["top1"]["ppl"]
 
     registry_id = "test-org/pipeline-registry"
@@ -115,6 +127,36 @@ def test_cluster_train_evaluate_push_route(hub, tmp_path):
     assert "plots/topic_map.png" in card and "topic-02" not in card.split("## ")[1]
 
 
+def test_branch_train_through_the_cli(hub, tmp_path):
+    """train --seed-fraction: a seed, experts branched from it, seed + experts = dense in tokens; a rerun with
+    another fraction is refused in one line; evaluate scores the seed beside the modes on the same tokens."""
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    work = tmp_path / "work"
+    hubopts = ("--endpoint", hub.url)
+    run_json("cluster", str(work), "--corpus", str(corpus), "--k", "3", "--base-model", BASE_REPO,
+             "--embedder", EMBEDDER_REPO, "--heldout-fraction", "0.3", *hubopts)
+    common = ("train", str(work), "--seq-len", "16", "--batch-size", "2", "--tokens-per-expert", "256",
+              "--rank", "4", "--lr", "5e-3", "--dense", *hubopts)
+    trained = run_json(*common, "--seed-fraction", "0.5")
+    budget = trained["budget"]
+    assert budget == {"topics": 3, "tokens_per_step": 32, "seed_steps": 12, "expert_steps": 4, "dense_steps": 24,
+                      "seed_tokens": 384, "expert_tokens": 128, "dense_tokens": 768, "seed_fraction": 0.5}
+    records = {name: json.loads((Path(folder) / "training.json").read_text())
+               for name, folder in [*trained["experts"].items(), ("seed", trained["seed"]), ("dense", trained["dense"])]}
+    assert sum(r["tokens"] for name, r in records.items() if name != "dense") == records["dense"]["tokens"] == 768
+    seed_sha = records["topic-00"]["seed"]["sha256"]
+    assert all(records[e]["seed"]["sha256"] == seed_sha for e in trained["experts"])
+    code, out, err = invoke(*common, "--seed-fraction", "0.25")
+    assert code == 1 and "seed_fraction: 0.5 -> 0.25" in err and "Traceback" not in err
+    message, hint, debug = err.strip().splitlines()  # the error, what to do, where the traceback is
+    assert message.startswith("Error: ") and "Remove " in hint and debug == "(set MOIN_DEBUG=1 for the traceback)"
+    report = run_json("evaluate", str(work), "--seq-len", "16", "--modes", "top1", "--no-plots", *hubopts)
+    modes = report["perplexity"]["overall"]["modes"]
+    assert list(modes) == ["top1", "base", "oracle", "dense", "seed"]
+    assert len({m["tokens"] for m in modes.values()}) == 1
+    assert set(report["training"]) == {"topic-00", "topic-01", "topic-02", "dense", "seed"}
+
+
 def test_workspace_errors_are_clear(tmp_path):
     with pytest.raises(MoinHubError, match="not a moin-hub workspace"):
         Workspace.load(tmp_path)
@@ -141,12 +183,18 @@ def test_routing_scores_and_targets():
     assert scores["label_accuracy"] == pytest.approx(1 / 3)  # only the first lands on a topic of its label
     assert scores["topic_labels"] == {"topic-00": "a", "topic-01": "b"}
     report = {"perplexity": {"overall": {"base_ppl": 20.0, "routed_ppl": 17.0, "oracle_ppl": 16.9,
-                                         "dense_ppl": None}},
+                                         "dense_ppl": None},
+                             "topics": {"topic-00": {"worse_than_base": False}, "topic-01": {"worse_than_base": True}}},
               "routing": {"label_accuracy": 0.85}}
     targets = check_targets(report)
     assert targets["measured"]["routed_vs_base"] == 0.85 and targets["met"]["routed_vs_base"] is True
     assert targets["met"]["routed_vs_oracle"] is True and targets["met"]["routed_vs_dense"] is None
-    assert targets["met"]["label_accuracy"] is True
+    assert targets["met"]["top1_vs_dense"] is None and targets["met"]["label_accuracy"] is True
+    assert targets["topics_worse_than_base"] == ["topic-01"]
+    report["perplexity"]["overall"].update(dense_ppl=16.0, modes={"top1": {"ppl": 15.0}, "dense": {"ppl": 16.0}})
+    targets = check_targets(report)
+    assert targets["measured"]["routed_vs_dense"] == 1.0625 and targets["met"]["routed_vs_dense"] is False
+    assert targets["measured"]["top1_vs_dense"] == 0.9375 and targets["met"]["top1_vs_dense"] is True
 
 
 @pytest.mark.slow

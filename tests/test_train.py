@@ -17,8 +17,9 @@ from moin_hub.errors import ExpertTrainingError, InvalidExpertError, MoinHubErro
 from moin_hub.hub.config import ExpertMetadata
 from moin_hub.hub.expert import ExpertFolder
 from moin_hub.hub.loading import load_base
-from moin_hub.pipeline.evaluate import build_blocks, evaluate_experts, perplexity
+from moin_hub.pipeline.evaluate import evaluate_experts
 from moin_hub.pipeline.jobs import TopicJob, TrainConfig
+from moin_hub.pipeline.scoring import build_blocks, perplexity
 from moin_hub.pipeline.train import train_dense, train_expert, train_experts
 from tests._tiny import TOPIC_TEXTS
 
@@ -318,7 +319,7 @@ def test_routing_modes_are_scored_with_mixtures_built_once(trained, tiny_base, m
     from peft.tuners.lora import LoraModel
 
     from moin_hub.hub.mixing import mix_weights
-    from moin_hub.pipeline.evaluate import MIX_DECIMALS
+    from moin_hub.pipeline.modes import MIX_DECIMALS
 
     built = []
     real_add = LoraModel.add_weighted_adapter  # PeftModel.add_weighted_adapter delegates to it
@@ -345,14 +346,17 @@ def test_routing_modes_are_scored_with_mixtures_built_once(trained, tiny_base, m
     topics, overall = scores["topics"], scores["overall"]
     assert scores["mixing"] == {"modes": ["top1", "topk", "adaptive"], "k": 3, "temperature": 0.05, "mass": 0.8,
                                 "threshold": None, "decimals": MIX_DECIMALS}
+    assert "oracle" not in topics["astronomy"]["modes"]  # no expert of its own
     for s in [*topics.values(), overall]:  # every mode, and the base model, scores the same tokens
-        assert len({m["tokens"] for m in s["modes"].values()}) == 1 and s["modes"]["top1"]["mean_experts"] == 1
+        assert len({m["tokens"] for r, m in s["modes"].items() if r != "oracle"}) == 1
+        assert s["modes"]["top1"]["mean_experts"] == 1
         assert s["modes"]["base"]["mean_experts"] == 0 and s["modes"]["base"]["base_only"] == 1
     assert topics["football"]["modes"]["base"]["ppl"] == pytest.approx(
         _manual_mixture_ppl(tiny_base, trained, {}, TOPIC_TEXTS["football"]), rel=1e-6)
     # a mixture of one expert with weight 1 is exactly that expert
     cooking = topics["cooking"]["modes"]
-    assert cooking["topk"]["ppl"] == cooking["adaptive"]["ppl"] == cooking["top1"]["ppl"]
+    assert cooking["topk"]["ppl"] == cooking["adaptive"]["ppl"] == cooking["top1"]["ppl"] == cooking["oracle"]["ppl"]
+    assert cooking["oracle"]["tokens"] == cooking["top1"]["tokens"]
     assert cooking["topk"]["mean_experts"] == 1
     assert cooking["top1"]["ppl"] == pytest.approx(
         _manual_mixture_ppl(tiny_base, trained, {"cooking": 1.0}, TOPIC_TEXTS["cooking"]), rel=1e-6)
@@ -382,7 +386,7 @@ def test_routing_modes_are_scored_with_mixtures_built_once(trained, tiny_base, m
     assert astronomy["modes"]["top1"]["ppl"] == astronomy["modes"]["base"]["ppl"]
     assert astronomy["modes"]["top1"]["base_only"] == 1 and astronomy["modes"]["top1"]["mean_experts"] == 0
     assert one["overall"]["modes"]["top1"]["base_only"] == pytest.approx(1 / 3)
-    assert set(one["overall"]["modes"]) == {"top1", "topk", "base"}
+    assert set(one["overall"]["modes"]) == {"top1", "topk", "base", "oracle"}
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -398,7 +402,7 @@ def test_evaluate_experts_refuses_bad_modes_and_rankings(kwargs, message):
 
 
 def test_bf16_auto_follows_the_hardware(monkeypatch):
-    from moin_hub.pipeline import evaluate as _evaluate
+    from moin_hub.pipeline import scoring as _evaluate
 
     assert _evaluate.resolve_bf16(True, "cpu") is True and _evaluate.resolve_bf16(False, "cpu") is False
     for fast in (True, False):

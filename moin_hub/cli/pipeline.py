@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from ..pipeline.report import format_report
 from ._common import emit, examples, hub_options, registry_option
 
 WORKDIR = click.argument("workdir", type=click.Path(file_okay=False, path_type=Path))
@@ -72,9 +71,9 @@ def cluster_command(workdir: Path, corpus: str, text_column: str, split: str, ma
             "heldout_documents": len(heldout)}
 
     def text() -> str:
-        from ..pipeline.steps import _topics
+        from ..pipeline.steps import topic_model
 
-        topics = _topics(workdir)
+        topics = topic_model(workdir)
         lines = [f"{len(train)} training / {len(heldout)} held-out documents -> {topics.num_topics} topics "
                  f"({method}) in {workdir}"]
         for i, size in enumerate(topics.sizes):
@@ -165,7 +164,7 @@ def train_command(workdir: Path, rank: int, alpha: float, target_modules: str, l
 # ------------------------------------------------------------------------------------------ evaluate
 
 
-MODE_NAMES = ("top1", "topk", "adaptive")  # moin_hub.hub.mixing.MODES, without importing torch for --help
+MODE_NAMES = ("top1", "topk", "adaptive", "arrow")  # pipeline.modes.EVAL_MODES, without importing torch for --help
 
 
 def _parse_modes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
@@ -182,25 +181,36 @@ def _parse_modes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     "moin-hub evaluate work",
     "moin-hub evaluate work --modes top1,topk --top-k 2 --format json",
     "moin-hub evaluate work --modes adaptive --mass 0.9 --threshold 0.1",
+    "moin-hub evaluate work --modes top1,arrow --arrow-top-k 2 --arrow-gap 0.5",
 ))
 @WORKDIR
 @click.option("--seq-len", type=click.IntRange(2), default=256, show_default=True, help="Tokens per scored block.")
 @click.option("--max-docs-per-topic", type=click.IntRange(1), default=None, help="Cap held-out documents per topic.")
 @click.option("--modes", default=",".join(MODE_NAMES), show_default=True, callback=_parse_modes,
               help="Routing modes to score, comma-separated: top1 = the nearest expert; topk = the k nearest, "
-                   "softmax-weighted; adaptive = as few as carry --mass of the probability.")
+                   "softmax-weighted; adaptive = as few as carry --mass of the probability; arrow = every "
+                   "expert mixed per token and layer (Arrow, no router training).")
 @click.option("-k", "--top-k", "k", type=click.IntRange(1), default=3, show_default=True,
               help="The most experts a query mixes (topk, adaptive).")
-@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True,
-              help="Softmax temperature over the similarities (topk, adaptive).")
+@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=None,
+              help="Softmax temperature over the similarities (topk, adaptive). Default: calibrated on the "
+                   "training documents' queries (the report shows it).")
 @click.option("--mass", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
               help="adaptive: probability mass the chosen experts must reach.")
 @click.option("--threshold", type=float, default=None,
               help="Below this best similarity a query gets no expert: the base model scores it.")
+@click.option("--arrow-top-k", type=click.IntRange(1), default=3, show_default=True,
+              help="arrow: experts a token may take in each layer.")
+@click.option("--arrow-temperature", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              help="arrow: softmax temperature over a token's prototype scores.")
+@click.option("--arrow-gap", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="arrow, adaptive gating: a token takes more than its best expert only where the gap between "
+                   "its two best weights is below this (unsure). Default: always --arrow-top-k.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @hub_options
 def evaluate_command(workdir: Path, seq_len: int, max_docs_per_topic: int | None, modes: tuple[str, ...], k: int,
-                     temperature: float, mass: float, threshold: float | None, no_plots: bool,
+                     temperature: float | None, mass: float, threshold: float | None, arrow_top_k: int,
+                     arrow_temperature: float, arrow_gap: float | None, no_plots: bool,
                      endpoint: str | None, token: str | None, output_format: str) -> None:
     """Score WORKDIR's experts on held-out text: base vs routed vs oracle vs dense, and each routing mode.
 
@@ -208,14 +218,19 @@ def evaluate_command(workdir: Path, seq_len: int, max_docs_per_topic: int | None
     Writes WORKDIR/report.json and plots (perplexity per expert, documents per topic, 2-D map).
     Routed = each held-out document routed by its first words, as a query; oracle = the topic of
     the whole document; dense = the baseline from `train --dense`, if trained.
-    Each of --modes scores every document with the mixture its query gets (as `route --mode`):
-    one line per mode with its perplexity and mean experts per document; json: "modes" in
-    report["perplexity"]["overall"] and in each topic.
+    Each of --modes scores every document with the mixture its query gets (as `route --mode`),
+    each document alone, so every mode and the rows base / oracle / dense / seed score exactly the
+    same tokens: one line each with its perplexity and mean experts per document; json: "modes" in
+    report["perplexity"]["overall"] and in each topic. Topics whose routed documents did worse than
+    the base model are named; the targets state routed/dense.
     """
-    from ..pipeline.steps import evaluate
+    from ..hub.arrow import ArrowSpec
+    from ..pipeline.report import evaluate, format_report
 
+    arrow = ArrowSpec(top_k=arrow_top_k, temperature=arrow_temperature, gap=arrow_gap)
     report = evaluate(workdir, endpoint=endpoint, token=token, seq_len=seq_len, max_docs_per_topic=max_docs_per_topic,
-                      modes=modes, k=k, temperature=temperature, mass=mass, threshold=threshold, plots=not no_plots)
+                      modes=modes, k=k, temperature=temperature, mass=mass, threshold=threshold, arrow=arrow,
+                      plots=not no_plots)
     emit(output_format, report, lambda: format_report(report))
 
 

@@ -128,3 +128,55 @@ def apply_mixture(model: Any, mixture: Mixture) -> str | None:
     model.add_weighted_adapter(slots, list(mixture.weights), adapter_name=MIXTURE_SLOT, combination_type="cat")
     model.set_adapter(MIXTURE_SLOT)
     return MIXTURE_SLOT
+
+
+#: The temperatures :func:`calibrate_temperature` searches between (cosine similarities differ by 0.01-0.5).
+TEMPERATURE_BOUNDS = (1e-3, 1.0)
+
+
+def calibrate_temperature(similarities: Any, labels: Sequence[int]) -> tuple[float, float]:
+    """The softmax temperature that makes ``softmax(similarities / T)`` the best probability of each query's
+    topic: temperature scaling (Guo et al. 2017), the mean negative log-likelihood of ``labels`` minimised over
+    ``log T`` in :data:`TEMPERATURE_BOUNDS`.
+
+    ``topk`` and ``adaptive`` weight experts by that softmax (c-BTM weights its experts by such a posterior
+    over clusters), so a calibrated T makes a weight mean "how likely this query is of that topic" on the
+    registry's own data, instead of a fixed constant that suits one embedder and one corpus.
+
+    Args:
+        similarities: ``[queries, experts]`` cosine similarities of queries to every expert's centroid.
+        labels: each query's true topic, an index into the columns.
+
+    Returns:
+        ``(temperature, mean_nll)``.
+
+    Raises:
+        ValueError: shapes that do not match, no queries, labels out of range, or non-finite similarities.
+
+    Example:
+        >>> t, _ = calibrate_temperature([[0.9, 0.1], [0.2, 0.8], [0.6, 0.5]], [0, 1, 0])
+        >>> 0.001 <= t <= 1.0
+        True
+    """
+    import numpy as np
+    from scipy.optimize import minimize_scalar
+    from scipy.special import logsumexp
+
+    sims = np.asarray(similarities, dtype=np.float64)
+    labels = np.asarray(labels)
+    if sims.ndim != 2 or sims.shape[0] == 0 or sims.shape[0] != labels.shape[0]:
+        raise ValueError(f"similarities must be [queries, experts] with one label per query, got {sims.shape} "
+                         f"and {labels.shape[0]} labels.")
+    if not np.isfinite(sims).all():
+        raise ValueError("similarities must be finite.")
+    if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= sims.shape[1]:
+        raise ValueError(f"labels must be column indexes in [0, {sims.shape[1]}).")
+    own = sims[np.arange(len(labels)), labels]
+
+    def nll(log_t: float) -> float:
+        t = math.exp(log_t)
+        return float(np.mean(logsumexp(sims / t, axis=1) - own / t))
+
+    low, high = (math.log(b) for b in TEMPERATURE_BOUNDS)
+    best = minimize_scalar(nll, bounds=(low, high), method="bounded", options={"xatol": 1e-4})
+    return math.exp(best.x), float(best.fun)

@@ -64,7 +64,8 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, echo: Callabl
 
     from ..hub.assets import publish_default_assets
     from ..local_hub.server import LocalHub
-    from .steps import cluster, evaluate, load_corpus, push_all, resolve_models, train
+    from .report import evaluate
+    from .steps import cluster, load_corpus, push_all, resolve_models, train
 
     config = config or DemoConfig()
     out = Path(out)
@@ -95,9 +96,9 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, echo: Callabl
         corpus_train, heldout, info = load_corpus("brown", max_files=config.max_files)
         workspace = cluster(work, corpus_train, heldout, base_model=base, embedder=embedder, k=config.k,
                             corpus_info=info, endpoint=hub.url, progress=progress)
-        from .steps import _topics
+        from .steps import topic_model
 
-        topics = _topics(work)
+        topics = topic_model(work)
         for i, size in enumerate(topics.sizes):
             echo(f"   topic-{i:02d}  {size:4d} docs  {', '.join(topics.keywords[i][:6])}")
         metrics = workspace.clustering["metrics"]

@@ -15,8 +15,7 @@ import logging
 import os
 import time
 import zlib
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +23,14 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from .._version import __version__
 from ..errors import MoinHubError
 from ..hub.client import get_api, resolve_endpoint, sha256_file
-from ..hub.config import ADAPTER_WEIGHTS_FILENAME, EmbedderSpec, PinnedModel, utc_now
+from ..hub.config import ADAPTER_WEIGHTS_FILENAME, EmbedderSpec, PinnedModel
 from ..hub.embed import download_model_dir, load_embedder
-from ..hub.mixing import MODES
 from ..hub.registry import embedder_dimension, resolve_pinned
 from .brown import load_brown
 from .corpus import Document, describe, load_documents
-from .io import write_json, write_jsonl
+from .io import write_jsonl
 from .jobs import TopicJob, TrainConfig, plan_budget
 from .train import TRAINING_FILENAME, is_finished, train_dense, train_experts, train_seed
 from .workspace import (
@@ -42,12 +39,10 @@ from .workspace import (
     DENSE_ID,
     EMBEDDINGS_FILENAME,
     EXPERTS_DIR,
-    REPORT_FILENAME,
     SEED_ID,
     Workspace,
     _read_jsonl,
     query_of,
-    read_embeddings,
     topic_expert_id,
 )
 
@@ -160,6 +155,8 @@ def cluster(workdir: str | os.PathLike, train: Sequence[Document], heldout: Sequ
     held_texts = [d.text for d in heldout]
     held_vectors = embed_texts(model, held_texts, show_progress=progress)
     query_vectors = embed_texts(model, [query_of(t, query_words) for t in held_texts], show_progress=progress)
+    # the training documents as queries: what `evaluate` calibrates the mixing temperature on
+    train_queries = embed_texts(model, [query_of(t, query_words) for t in texts], show_progress=progress)
     held_topic, _ = nearest_centroid(held_vectors, topics.centroids)
     routed, _ = nearest_centroid(query_vectors, topics.centroids)
 
@@ -169,7 +166,8 @@ def cluster(workdir: str | os.PathLike, train: Sequence[Document], heldout: Sequ
                  for d, t, r in zip(heldout, held_topic, routed, strict=True)]
     write_jsonl(workdir / "documents" / "train.jsonl", train_rows)
     write_jsonl(workdir / "documents" / "heldout.jsonl", held_rows)
-    save_file({"train": train_vectors, "heldout": held_vectors, "queries": query_vectors},
+    save_file({"train": train_vectors, "heldout": held_vectors, "queries": query_vectors,
+               "train_queries": train_queries},
               str(workdir / "documents" / EMBEDDINGS_FILENAME))
     clustering = {"k": topics.num_topics, "method": method, "seed": seed, "sizes": topics.sizes,
                   "metrics": topics.metrics,
@@ -180,7 +178,8 @@ def cluster(workdir: str | os.PathLike, train: Sequence[Document], heldout: Sequ
     return workspace
 
 
-def _topics(workdir: Path) -> Any:
+def topic_model(workdir: Path) -> Any:
+    """The workspace's :class:`~moin_hub.pipeline.topics.TopicModel` (centroids, keywords, metrics)."""
     from .topics import TopicModel
 
     return TopicModel.load(workdir / "topics")
@@ -194,7 +193,7 @@ def make_jobs(workdir: str | os.PathLike, *, max_eval_docs: int | None = 40, n_s
     """One :class:`TopicJob` per topic of the workspace: its documents, centroid, keywords, samples, and
     held-out documents of the same topic (for the perplexities on the expert's card)."""
     workdir = Path(workdir)
-    topics = _topics(workdir)
+    topics = topic_model(workdir)
     train = _read_jsonl(workdir / "documents" / "train.jsonl")
     heldout = _read_jsonl(workdir / "documents" / "heldout.jsonl")
     jobs = []
@@ -309,179 +308,6 @@ def expert_dirs(workdir: str | os.PathLike) -> dict[str, Path]:
     if not root.is_dir():
         return {}
     return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and is_finished(p)}
-
-
-# ------------------------------------------------------------------------------------------ evaluate
-
-
-def evaluate(workdir: str | os.PathLike, *, endpoint: str | None = None, token: str | bool | None = None,
-             seq_len: int = 256, batch_size: int = 8, max_docs_per_topic: int | None = None,
-             modes: Sequence[str] = MODES, k: int = 3, temperature: float = 0.05, mass: float = 0.8,
-             threshold: float | None = None, plots: bool = True) -> dict[str, Any]:
-    """Held-out perplexity per topic of base, routed expert, oracle expert and dense baseline, and of each
-    routing mode, plus routing accuracy; writes ``report.json`` and the plots.
-
-    Routing is scored as a user meets it: each held-out document is routed by its first
-    ``query_words`` words; its own topic is the nearest centroid to the whole document. With labels
-    (Brown genre groups), routing is also scored at the label level: a routed document counts as right
-    when its label is the majority label of the topic it was routed to.
-
-    The routing modes (``report["perplexity"][...]["modes"]``) mix the trained experts nearest each
-    query, with the query embeddings the cluster step stored (nothing is embedded again): ``top1`` is
-    the nearest trained expert alone (the same as ``routed`` unless a topic has no expert: ``routed``
-    then gives the text to the base model, ``top1`` to the nearest expert that exists, as a registry's
-    router would), ``topk`` a softmax over the ``k`` nearest, ``adaptive`` as few as carry ``mass``.
-
-    Args:
-        workdir: the workspace folder.
-        endpoint / token: the Hub the base model is downloaded from.
-        seq_len / batch_size: tokens per scored block, blocks per forward pass.
-        max_docs_per_topic: score at most this many held-out documents per topic.
-        modes: the routing modes to score (:data:`~moin_hub.hub.mixing.MODES`); ``()`` for none.
-        k / temperature / mass / threshold: the mixing parameters (see :func:`~moin_hub.hub.mixing.mix_weights`);
-            below ``threshold`` a query gets the base model.
-        plots: write the PNG plots.
-
-    Returns:
-        The report, as written to ``<workdir>/report.json``.
-
-    Raises:
-        MoinHubError: no trained experts in the workspace, or its stored query embeddings do not match
-            its held-out documents.
-        ValueError: an unknown mode or bad mixing parameters.
-
-    Example:
-        >>> report = evaluate("work", modes=("top1", "topk"), k=2)  # doctest: +SKIP
-        >>> report["perplexity"]["overall"]["modes"]["topk"]["ppl"]  # doctest: +SKIP
-    """
-    from ..hub.loading import load_base
-    from .evaluate import check_mixing, evaluate_experts
-
-    check_mixing(modes, {"k": k, "temperature": temperature, "mass": mass, "threshold": threshold})
-    workdir = Path(workdir)
-    workspace = Workspace.load(workdir)
-    experts = expert_dirs(workdir)
-    if not experts:
-        raise MoinHubError(f"No trained experts in {workdir / EXPERTS_DIR}.", hint="Run `moin-hub train` first.")
-    heldout = _read_jsonl(workdir / "documents" / "heldout.jsonl")
-    train_rows = _read_jsonl(workdir / "documents" / "train.jsonl")
-    candidates = ranked_experts(workdir, experts, len(heldout), k=k) if modes else None
-    eval_sets: dict[str, list[str]] = {}
-    routed: dict[str, list[str | None]] = {}
-    ranked: dict[str, list[list[tuple[str, float]]]] = {}
-    for i, row in enumerate(heldout):
-        topic = topic_expert_id(row["topic"])
-        if max_docs_per_topic is not None and len(eval_sets.get(topic, ())) >= max_docs_per_topic:
-            continue
-        choice = topic_expert_id(row["routed"])
-        eval_sets.setdefault(topic, []).append(row["text"])
-        routed.setdefault(topic, []).append(choice if choice in experts else None)
-        if candidates is not None:
-            ranked.setdefault(topic, []).append(candidates[i])
-    dense_dir = workdir / DENSE_DIR / DENSE_ID
-    start = time.perf_counter()
-    model, tokenizer = load_base(base_model_dir(workspace, endpoint=endpoint, token=token))
-    scores = evaluate_experts(model, tokenizer, experts, eval_sets, routed=routed, ranked=ranked or None,
-                              modes=modes, k=k, temperature=temperature, mass=mass, threshold=threshold,
-                              seq_len=seq_len, batch_size=batch_size,
-                              dense_dir=dense_dir if is_finished(dense_dir) else None)
-    seconds = time.perf_counter() - start
-    report = {
-        "workspace": str(workdir), "base_model": workspace.base_model.to_dict(),
-        "embedder": workspace.embedder.to_dict(), "corpus": workspace.corpus,
-        "clustering": workspace.clustering, "query_words": workspace.query_words,
-        "routing": routing_scores(train_rows, heldout),
-        "perplexity": scores, "training": _training_summary(experts, dense_dir),
-        "eval_seconds": round(seconds, 2), "created_at": utc_now(), "created_by": f"moin-hub {__version__}",
-    }
-    report["targets"] = check_targets(report)
-    if plots:
-        from .plots import write_plots
-
-        report["plots"] = [str(p) for p in write_plots(workdir, report, _topics(workdir))]
-    write_json(workdir / REPORT_FILENAME, report)
-    return report
-
-
-def ranked_experts(workdir: str | os.PathLike, experts: Mapping[str, Any], n_heldout: int, *,
-                   k: int) -> list[list[tuple[str, float]]]:
-    """For each held-out document, the ``k`` trained experts nearest its query, best first, with their
-    cosine similarities: the query embeddings the cluster step stored against the topic centroids, searched
-    as :func:`~moin_hub.pipeline.cluster.nearest_centroid` searches them (so the first is the ``routed`` topic).
-
-    Raises:
-        MoinHubError: the stored query embeddings do not match the held-out documents or the centroids.
-    """
-    import faiss
-
-    from .cluster import _unit_rows
-
-    workdir = Path(workdir)
-    queries = read_embeddings(workdir).get("queries")
-    centroids = _topics(workdir).centroids
-    if queries is None or queries.shape[0] != n_heldout or queries.shape[1] != centroids.shape[1]:
-        shape = None if queries is None else tuple(queries.shape)
-        raise MoinHubError(f"{workdir / 'documents' / EMBEDDINGS_FILENAME} holds query embeddings of shape {shape} "
-                           f"for {n_heldout} held-out documents and {tuple(centroids.shape)} centroids.",
-                           hint="Run `moin-hub cluster` again into this folder.")
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(_unit_rows(centroids, field="centroids"))
-    sims, ids = index.search(_unit_rows(queries, field="queries"), centroids.shape[0])  # every topic, best first
-    ranked = []
-    for row_ids, row_sims in zip(ids, sims, strict=True):
-        pairs = [(topic_expert_id(int(t)), float(s)) for t, s in zip(row_ids, row_sims, strict=True)]
-        ranked.append([(e, s) for e, s in pairs if e in experts][:k])
-    return ranked
-
-
-def routing_scores(train_rows: Sequence[dict[str, Any]], heldout_rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Routing accuracy of held-out queries: topic level, and label level when documents have labels."""
-    if not heldout_rows:
-        return {"documents": 0, "topic_accuracy": None, "label_accuracy": None}
-    topic_acc = float(np.mean([row["routed"] == row["topic"] for row in heldout_rows]))
-    scores: dict[str, Any] = {"documents": len(heldout_rows), "topic_accuracy": topic_acc, "label_accuracy": None}
-    if all(row.get("label") is not None for row in [*train_rows, *heldout_rows]):
-        majority = {}
-        for topic in {row["topic"] for row in train_rows}:
-            counts = Counter(row["label"] for row in train_rows if row["topic"] == topic)
-            majority[topic] = counts.most_common(1)[0][0]
-        scores["topic_labels"] = {topic_expert_id(t): label for t, label in sorted(majority.items())}
-        scores["label_accuracy"] = float(np.mean([majority.get(row["routed"]) == row["label"]
-                                                  for row in heldout_rows]))
-    return scores
-
-
-def _training_summary(experts: dict[str, Path], dense_dir: Path) -> dict[str, Any]:
-    summary = {}
-    for expert_id, folder in {**experts, **({DENSE_ID: dense_dir} if is_finished(dense_dir) else {})}.items():
-        path = folder / TRAINING_FILENAME
-        if path.is_file():
-            data = json.loads(path.read_text(encoding="utf-8"))
-            summary[expert_id] = {k: data.get(k) for k in ("steps", "tokens", "seconds", "tokens_per_second",
-                                                            "initial_loss", "final_loss", "topic_tokens")}
-    return summary
-
-
-#: The issue's targets: routed >= 10% below base, within 2% of oracle, no worse than dense; routing > 80%.
-TARGETS = {"routed_vs_base": 0.90, "routed_vs_oracle": 1.02, "routed_vs_dense": 1.0, "label_accuracy": 0.80}
-
-
-def check_targets(report: dict[str, Any]) -> dict[str, Any]:
-    """Compare the measured overall numbers with :data:`TARGETS`; ``met`` is ``None`` when not measured."""
-    overall = report["perplexity"]["overall"]
-    routed, base = overall.get("routed_ppl"), overall.get("base_ppl")
-    oracle, dense = overall.get("oracle_ppl"), overall.get("dense_ppl")
-
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return round(a / b, 4) if a and b else None
-
-    out = {"routed_vs_base": ratio(routed, base), "routed_vs_oracle": ratio(routed, oracle),
-           "routed_vs_dense": ratio(routed, dense), "label_accuracy": report["routing"].get("label_accuracy")}
-    met = {}
-    for name, value in out.items():
-        goal = TARGETS[name]
-        met[name] = None if value is None else (value > goal if name == "label_accuracy" else value <= goal)
-    return {"measured": out, "goals": TARGETS, "met": met}
 
 
 # ------------------------------------------------------------------------------------------- push-all

@@ -48,9 +48,9 @@ from ..hub.client import sha256_file
 from ..hub.config import ADAPTER_WEIGHTS_FILENAME, EXPERT_METADATA_FILENAME, ExpertMetadata, utc_now
 from ..hub.expert import write_centroid
 from ..hub.loading import load_base, quiet_peft
-from .evaluate import autocast, build_blocks, perplexity, resolve_bf16
 from .io import write_json
 from .jobs import Phase, TopicJob, TrainConfig, plan_budget, scratch_phase
+from .scoring import autocast, build_blocks, perplexity, resolve_bf16
 
 logger = logging.getLogger(__name__)
 
