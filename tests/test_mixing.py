@@ -57,3 +57,24 @@ def test_a_mixture_is_exactly_the_weighted_sum_of_the_experts(tmp_path, tiny_bas
         torch.testing.assert_close(layer.get_delta_weight(MIXTURE_SLOT), expected, rtol=1e-4, atol=1e-6)
     with pytest.raises(KeyError, match="astronomy"):
         apply_mixture(model, Mixture(("astronomy",), (1.0,), "top1"))
+
+
+def test_calibrated_temperature_recovers_the_one_that_made_the_labels():
+    import numpy as np
+
+    from moin_hub.hub.mixing import calibrate_temperature
+
+    rng = np.random.default_rng(0)
+    sims = rng.normal(0.3, 0.08, size=(4000, 6))
+    for true in (0.02, 0.05, 0.2):
+        probs = np.exp(sims / true)
+        probs /= probs.sum(axis=1, keepdims=True)
+        labels = np.array([rng.choice(6, p=p) for p in probs])
+        found, nll = calibrate_temperature(sims, labels)
+        assert found == pytest.approx(true, rel=0.15) and nll > 0
+    with pytest.raises(ValueError, match="labels"):
+        calibrate_temperature(sims[:2], [0, 6])
+    with pytest.raises(ValueError, match="one label per query"):
+        calibrate_temperature(sims[:2], [0])
+    with pytest.raises(ValueError, match="finite"):
+        calibrate_temperature([[0.1, float("nan")]], [0])
