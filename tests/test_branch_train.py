@@ -122,3 +122,30 @@ def test_all_linear_experts_load_with_plain_peft(tiny_base, tmp_path):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(folder))
     adapted = {name.split(".")[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
     assert adapted == saved
+
+
+def test_a_finished_folder_is_checked_against_the_run(seed_dir):
+    from moin_hub.errors import MoinHubError
+    from moin_hub.pipeline.steps import check_finished
+
+    budget = plan_budget(BRANCH, len(TOPICS))
+    check_finished(seed_dir, BRANCH, budget.seed_phase(BRANCH))  # the run that made it
+    # the same seed asked for as another split of the budget (6 topics of half the tokens): the same steps
+    other_split = dataclasses.replace(BRANCH, tokens_per_expert=BRANCH.tokens_per_expert // 2)
+    same_steps = plan_budget(other_split, 2 * len(TOPICS)).seed_phase(other_split)
+    assert same_steps == budget.seed_phase(BRANCH)
+    check_finished(seed_dir, other_split, same_steps)
+    with pytest.raises(MoinHubError, match="rank: 8 -> 4"):
+        check_finished(seed_dir, dataclasses.replace(BRANCH, rank=4), budget.seed_phase(BRANCH))
+    fewer = dataclasses.replace(BRANCH, seed_fraction=0.25)
+    with pytest.raises(MoinHubError, match="seed_fraction: 0.5 -> 0.25.*seed steps"):
+        check_finished(seed_dir, fewer, plan_budget(fewer, len(TOPICS)).seed_phase(fewer))
+
+
+def test_seed_and_dense_jobs_do_not_depend_on_the_clustering():
+    from moin_hub.pipeline.train import _all_topics_job
+
+    jobs = [job(t) for t in TOPICS]
+    texts = [t for j in jobs for t in j.texts]
+    regrouped = [job("cooking", expert_id="a", texts=texts[::2]), job("football", expert_id="b", texts=texts[1::2])]
+    assert _all_topics_job(jobs, "seed", "").texts == _all_topics_job(regrouped, "seed", "").texts

@@ -31,7 +31,7 @@ from ..hub.registry import embedder_dimension, resolve_pinned
 from .brown import load_brown
 from .corpus import Document, describe, load_documents
 from .io import write_jsonl
-from .jobs import TopicJob, TrainConfig, plan_budget
+from .jobs import Phase, TopicJob, TrainConfig, plan_budget
 from .train import TRAINING_FILENAME, is_finished, train_dense, train_experts, train_seed
 from .workspace import (
     DEFAULT_QUERY_WORDS,
@@ -250,17 +250,17 @@ def train(workdir: str | os.PathLike, config: TrainConfig | None = None, *, work
     start = time.perf_counter()
     seed_dir = None
     if budget.seed_steps:
-        check_finished(workdir / SEED_ID, config)
+        check_finished(workdir / SEED_ID, config, budget.seed_phase(config))
         seed_dir = train_seed(base_dir, jobs, workdir, config, expert_id=SEED_ID, **kw)
     seed_sha = sha256_file(seed_dir / ADAPTER_WEIGHTS_FILENAME) if seed_dir else None
     for job in jobs:
-        check_finished(workdir / EXPERTS_DIR / job.expert_id, config, seed_sha=seed_sha)
+        check_finished(workdir / EXPERTS_DIR / job.expert_id, config, budget.expert_phase(config), seed_sha=seed_sha)
     folders = train_experts(jobs, workdir / EXPERTS_DIR, config, base_model_dir_or_loader=base_dir, workers=workers,
                             executor=executor, phase=budget.expert_phase(config), init_from=seed_dir, **kw)
     seconds = time.perf_counter() - start
     dense_dir = None
     if dense:
-        check_finished(workdir / DENSE_DIR / DENSE_ID, config, ignore=("seed_fraction",))  # same steps either way
+        check_finished(workdir / DENSE_DIR / DENSE_ID, config, budget.dense_phase(config))
         dense_dir = train_dense(base_dir, jobs, workdir / DENSE_DIR, config, expert_id=DENSE_ID, **kw)
     return {"experts": {job.expert_id: str(f) for job, f in zip(jobs, folders, strict=True)},
             "seed": str(seed_dir) if seed_dir else None, "dense": str(dense_dir) if dense_dir else None,
@@ -269,14 +269,20 @@ def train(workdir: str | os.PathLike, config: TrainConfig | None = None, *, work
 
 #: TrainConfig fields that may differ between the experts of one workspace (where and how fast they ran).
 _RUNTIME_FIELDS = frozenset({"torch_threads", "device", "bf16", "eval_max_tokens", "eval_batch_size"})
+#: TrainConfig fields that only size the budget: a folder trained with the same phase (steps, warmup,
+#: schedule) is the same whatever they said.
+_BUDGET_FIELDS = frozenset({"tokens_per_expert", "max_steps", "seed_fraction"})
 
 
-def check_finished(folder: Path, config: TrainConfig, *, seed_sha: str | None = None,
-                   ignore: Sequence[str] = ()) -> None:
-    """Refuse a finished expert (or seed, or baseline) in ``folder`` trained with other settings than
-    ``config`` (runtime fields aside), or branched from another seed than ``seed_sha`` (or from one when
-    ``seed_sha`` is None). ``ignore`` names more fields that may differ. Unfinished folders pass: they are
-    trained.
+def check_finished(folder: Path, config: TrainConfig, phase: Phase, *, seed_sha: str | None = None) -> None:
+    """Refuse a finished expert (or seed, or baseline) in ``folder`` that was not trained as ``config`` and
+    ``phase`` say (runtime fields such as threads and device aside), or that was branched from another
+    seed than ``seed_sha`` (or from one when ``seed_sha`` is None). Unfinished folders pass: they are trained.
+
+    A folder trained with the same LoRA settings and the same phase (steps, warmup, schedule) passes even if
+    the budget was asked for differently, so a seed or a dense baseline can be shared by workspaces that
+    cluster the same corpus differently (each is trained on all the corpus, in an order independent of the
+    clustering).
 
     Raises:
         MoinHubError: what differs, with the folder to remove.
@@ -285,18 +291,19 @@ def check_finished(folder: Path, config: TrainConfig, *, seed_sha: str | None = 
     if not is_finished(folder) or not path.is_file():
         return
     record = json.loads(path.read_text(encoding="utf-8"))
-    skip = _RUNTIME_FIELDS | set(ignore)
     now = json.loads(json.dumps(config.to_dict()))  # as training.json holds it (tuples become lists)
     # fields added since the folder was trained hold their defaults there
     was = {**json.loads(json.dumps(TrainConfig().to_dict())), **record.get("config", {})}
-    was, now = ({k: v for k, v in d.items() if k not in skip} for d in (was, now))
-    differ = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
-    if differ:
-        changes = ", ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in differ)
-        raise MoinHubError(f"{folder} was trained with other settings ({changes}).",
+    differ = sorted(k for k in set(was) | set(now) if k not in _RUNTIME_FIELDS and was.get(k) != now.get(k))
+    trained = record.get("phase") or {"steps": record.get("steps")}
+    wanted = phase.to_dict() if "phase" in record else {"steps": phase.steps}
+    if trained != wanted or set(differ) - _BUDGET_FIELDS:
+        changes = [f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in differ]
+        changes += [f"{phase.name} {k}: {trained.get(k)!r} -> {v!r}" for k, v in wanted.items() if trained.get(k) != v]
+        raise MoinHubError(f"{folder} was trained with other settings ({', '.join(changes)}).",
                            hint=f"Remove {folder} to retrain it, or train into a new workspace.")
     seeded = (record.get("seed") or {}).get("sha256")
-    if folder.name != SEED_ID and seeded != seed_sha:
+    if phase.name != "seed" and seeded != seed_sha:
         raise MoinHubError(f"{folder} was branched from {'no seed' if not seeded else 'another seed'}, not from "
                            f"{'the current seed' if seed_sha else 'none'}.",
                            hint=f"Remove {folder} to retrain it from the current seed.")
