@@ -58,6 +58,7 @@ def test_cluster_train_evaluate_push_route(hub, tmp_path):
     trained = run_json(*train_args)
     assert sorted(trained["experts"]) == ["topic-00", "topic-01", "topic-02"]
     assert sorted(trained["trained"]) == sorted(trained["experts"]) and trained["dense"]
+    assert trained["seed"] and trained["budget"]["seed_fraction"] == 0.75  # branch-train is the default
     again = run_json(*train_args)  # resumable: nothing is retrained
     assert again["trained"] == []
 
@@ -70,13 +71,13 @@ def test_cluster_train_evaluate_push_route(hub, tmp_path):
     labels = report["routing"]["topic_labels"]
     assert sorted(labels.values()) == sorted(TOPIC_TEXTS)  # one topic per label
     assert report["targets"]["measured"]["routed_vs_base"] < 1
-    assert set(report["training"]) == {"topic-00", "topic-01", "topic-02", "dense"}
+    assert set(report["training"]) == {"topic-00", "topic-01", "topic-02", "dense", "seed"}
     assert all(t["seconds"] > 0 and t["tokens"] > 0 for t in report["training"].values())
     for plot in report["plots"]:
         assert Path(plot).read_bytes()[:8] == PNG_MAGIC
     assert json.loads((work / "report.json").read_text()) == report
     modes = report["perplexity"]["overall"]["modes"]
-    assert list(modes) == ["top1", "topk", "adaptive", "arrow", "base", "oracle", "dense"]
+    assert list(modes) == ["top1", "topk", "adaptive", "arrow", "base", "oracle", "dense", "seed"]
     assert report["perplexity"]["mixing"]["k"] == 3
     assert len({m["tokens"] for m in modes.values()}) == 1  # every mode scores the same tokens
     assert modes["top1"]["mean_experts"] == 1 and modes["topk"]["mean_experts"] >= modes["adaptive"]["mean_experts"]
@@ -88,7 +89,7 @@ def test_cluster_train_evaluate_push_route(hub, tmp_path):
     assert report["perplexity"]["mixing"]["temperature"] == calibration["temperature"] > 0
     assert calibration["queries"] == clustered["train_documents"]
     assert 0 < modes["arrow"]["experts_per_token"] <= 3 and modes["arrow"]["mean_experts"] == 3
-    assert modes["oracle"]["ppl"] < modes["base"]["ppl"] and modes["dense"]["ppl"] < modes["base"]["ppl"]
+    assert all(modes[row]["ppl"] < modes["base"]["ppl"] for row in ("oracle", "dense", "seed"))
     assert report["targets"]["measured"]["top1_vs_dense"] == pytest.approx(modes["top1"]["ppl"] / modes["dense"]["ppl"],
                                                                           abs=1e-4)
     for scores in topics.values():  # each topic says whether its routed documents did worse than the base
@@ -97,7 +98,7 @@ def test_cluster_train_evaluate_push_route(hub, tmp_path):
     assert report["targets"]["topics_worse_than_base"] == sorted(t for t, v in topics.items() if v["worse_than_base"])
     only = run_json("evaluate", str(work), "--seq-len", "16", "--modes", "topk,top1", "-k", "1", "--no-plots",
                     *hubopts)["perplexity"]["overall"]["modes"]
-    assert list(only) == ["topk", "top1", "base", "oracle", "dense"]
+    assert list(only) == ["topk", "top1", "base", "oracle", "dense", "seed"]
     assert only["topk"]["ppl"] == only["top1"]["ppl"] == modes["top1"]["ppl"]
 
     registry_id = "test-org/pipeline-registry"

@@ -92,7 +92,8 @@ def cluster_command(workdir: Path, corpus: str, text_column: str, split: str, ma
 
 @click.command("train", epilog=examples(
     "moin-hub train work --tokens-per-expert 200000 --workers 2",
-    "moin-hub train work --seed-fraction 0.5 --dense      # branch-train from a shared seed",
+    "moin-hub train work --dense                         # branch-train (seed 0.75) + the dense baseline",
+    "moin-hub train work --seed-fraction 0               # plain MoIN: experts from scratch",
     "moin-hub train work --target-modules all-linear --rank 16 --executor ray",
 ))
 @WORKDIR
@@ -109,9 +110,10 @@ def cluster_command(workdir: Path, corpus: str, text_column: str, split: str, ma
 @click.option("--tokens-per-expert", type=click.IntRange(1), default=200_000, show_default=True,
               help="Each topic's share of the run's token budget (total = topics x this, what the dense "
                    "baseline gets); with --seed-fraction part of it goes to the shared seed.")
-@click.option("--seed-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+@click.option("--seed-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.75, show_default=True,
               help="Branch-train: spend this share of the total budget first on one seed LoRA over all topics "
-                   "(WORKDIR/seed), then branch every expert from it on its topic alone. 0: plain MoIN.")
+                   "(WORKDIR/seed), then branch every expert from it on its topic alone. 0: plain MoIN "
+                   "(experts from scratch, as the paper).")
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Cap on steps per expert.")
 @click.option("--bf16", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="bf16 autocast; 'auto' uses it where the hardware is fast at it.")

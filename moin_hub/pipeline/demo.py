@@ -36,7 +36,9 @@ class DemoConfig:
 
     max_files: int = field(default=60, metadata={"help": "Brown files used (balanced over genre groups)."})
     k: int = field(default=6, metadata={"help": "Topics, hence experts."})
-    tokens_per_expert: int = field(default=20_480, metadata={"help": "Training tokens per expert."})
+    tokens_per_expert: int = field(default=20_480, metadata={"help": "Training tokens per topic (seed share included)."})
+    seed_fraction: float = field(default=TrainConfig.seed_fraction,
+                                 metadata={"help": "Share of all tokens for the shared seed (branch-train)."})
     rank: int = field(default=8, metadata={"help": "LoRA rank."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
     batch_size: int = field(default=2, metadata={"help": "Blocks of 256 tokens per step."})
@@ -49,7 +51,7 @@ class DemoConfig:
     def train_config(self) -> TrainConfig:
         return TrainConfig(rank=self.rank, alpha=2.0 * self.rank, learning_rate=self.learning_rate,
                            batch_size=self.batch_size, tokens_per_expert=self.tokens_per_expert,
-                           eval_max_tokens=4096, bf16="auto")
+                           seed_fraction=self.seed_fraction, eval_max_tokens=4096, bf16="auto")
 
 
 def run_demo(out: str | Path, config: DemoConfig | None = None, *, echo: Callable[[str], None] = print,
@@ -106,8 +108,10 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, echo: Callabl
              f"{len(corpus_train)} training / {len(heldout)} held-out documents")
         done()
 
-        done = step("train", f"Training {config.k} experts ({config.tokens_per_expert} tokens each, "
-                             f"{config.workers} workers)" + (" and the dense baseline" if config.dense else ""))
+        done = step("train", f"Training {config.k} experts ({config.tokens_per_expert} tokens per topic, "
+                             + (f"{config.seed_fraction:.0%} of all of them first on one shared seed, "
+                                if config.seed_fraction else "")
+                             + f"{config.workers} workers)" + (" and the dense baseline" if config.dense else ""))
         trained = train(work, config.train_config(), workers=config.workers, dense=config.dense,
                         endpoint=hub.url, progress=progress)
         done()
