@@ -70,7 +70,7 @@ def write_expert(folder: Path, base: Any, embedder: Any, expert_id: str, texts: 
     model = get_peft_model(base, config)
     model.peft_config["default"].base_model_name_or_path = base_repo
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, save_embedding_layers=False)  # "auto" would look the base up on huggingface.co
     model.unload()  # take the LoRA layers out of the shared base again
     centroid = embedder.encode(texts).mean(axis=0)
     write_centroid(folder / "centroid.safetensors", centroid / np.linalg.norm(centroid))

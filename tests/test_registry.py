@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_python(code: str, hub_url: str, tmp_path: Path, *, timeout: int = 180) -> subprocess.CompletedProcess:
     """Run code in a fresh interpreter with HF_ENDPOINT set before anything imports huggingface_hub."""
     env = {**os.environ, "HF_ENDPOINT": hub_url, "HF_HOME": str(tmp_path / "sub_hf_home"),
-           "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(ROOT)}
+           "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}  # net guard kept
     env.pop("HF_HUB_CACHE", None)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
@@ -136,7 +136,12 @@ def test_registry_loads_with_plain_datasets_and_pandas(hub, registry_id, make_ex
     proc = run_python(f"""
         import json
         import pandas as pd
+        import datasets
         from datasets import load_dataset
+        # datasets itself, not moin-hub, asks two more hosts (the net guard refuses them): the dataset viewer at
+        # datasets-server.<endpoint host> (no setting turns it off) and a download counter on s3.amazonaws.com
+        datasets.config.USE_PARQUET_EXPORT = False
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
         ds = load_dataset({registry_id!r}, split="train")
         df = pd.read_parquet("hf://datasets/{registry_id}/experts.parquet")
         print(json.dumps({{"n": len(ds), "ids": sorted(ds["expert_id"]), "dim": len(ds[0]["centroid"]),

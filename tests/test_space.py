@@ -310,7 +310,7 @@ def test_space_app_py_runs_against_the_local_hub(hub, space_registry, tmp_path):
     port = free_port()
     env = {**os.environ, "MOIN_REGISTRY": space_registry, "HF_ENDPOINT": hub.url, "MOIN_THRESHOLD": "0.2",
            "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "HF_HOME": str(tmp_path / "hf"),
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}  # net guard kept
     env.pop("HF_HUB_CACHE", None)
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=SPACE_DIR, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
