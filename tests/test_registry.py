@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from huggingface_hub import ModelCard, hf_hub_download
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
 from moin_hub import Registry, errors, init_registry, push_expert
 from moin_hub.hub.client import sha256_file
@@ -54,11 +54,12 @@ def test_unknown_registry_and_base_model(hub):
 
 def test_push_expert_one_commit_card_and_row(hub, api, registry_id, make_expert):
     folder = make_expert("cooking")
-    commits_before = 0
+    assert not api.repo_exists("test-org/expert-cooking")
     result = push_expert(folder, registry=registry_id, repo_id="test-org/expert-cooking", endpoint=hub.url)
     commits = api.list_repo_commits("test-org/expert-cooking")
-    assert commits[0].commit_id == result.revision
-    assert len(commits) - commits_before <= 2  # the repo's initial commit + exactly one push commit
+    # the Hub's "initial commit" of a new repo, then exactly one commit with all files and the card
+    assert [c.title for c in commits][1:] == ["initial commit"]
+    assert len(commits) == 2 and commits[0].commit_id == result.revision
     files = set(api.list_repo_files("test-org/expert-cooking", revision=result.revision))
     assert files >= {*VERIFIED_EXPERT_FILES, "README.md"}
 
@@ -93,6 +94,9 @@ def test_push_update_replaces_row(hub, registry_id, make_expert):
     meta = json.loads((folder / "moin_expert.json").read_text())
     (folder / "moin_expert.json").write_text(json.dumps({**meta, "perplexity": 9.0}))
     second = push_expert(folder, registry=registry_id, repo_id="test-org/cook-upd", endpoint=hub.url)
+    commits = HfApi(endpoint=hub.url).list_repo_commits("test-org/cook-upd")
+    assert [c.commit_id for c in commits[:2]] == [second.revision, first.revision]  # one commit per push
+    assert len(commits) == 3  # initial commit + two pushes
     registry = Registry.load(registry_id, endpoint=hub.url)
     assert len(registry) == 1 and second.revision != first.revision
     assert registry.get("cooking").revision == second.revision and registry.get("cooking").perplexity == 9.0
