@@ -12,9 +12,9 @@ Child processes: ``tests/netguard_site/sitecustomize.py`` installs the same guar
 with that folder on ``PYTHONPATH`` (the conftest puts it there), and they append their attempts to the file
 named by ``MOIN_NETGUARD_LOG``, which the fixture reads too.
 
-Allowed: loopback addresses, ``localhost``, this machine's own host name and addresses (Ray names its
-node by them), Unix sockets, and datagram sockets (a UDP ``connect`` sends nothing; Ray uses one to
-learn the node's address).
+Allowed: loopback addresses, ``localhost``, this machine's own host name and interface addresses (Ray
+names its node by them), Unix sockets, and datagram sockets (a UDP ``connect`` sends nothing; Ray uses
+one to learn the node's address). Refused but not recorded: :data:`THIRD_PARTY_PROBES`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ _real_getaddrinfo = socket.getaddrinfo
 _real_connect = socket.socket.connect
 _real_connect_ex = socket.socket.connect_ex
 
+#: Probes of third-party infrastructure that no setting turns off, refused but not held against a test:
+#: Ray's dashboard asks the cloud metadata service (169.254.169.254, metadata.google.internal) which cloud it
+#: runs on, even with usage stats disabled (``ray/_common/usage/usage_lib.py``).
+THIRD_PARTY_PROBES = (os.path.join("ray", "_common", "usage", "usage_lib.py"),)
+
 _attempts: list[str] = []
 _own: set[str] | None = None
 
@@ -43,7 +48,14 @@ def _own_names() -> set[str]:
                 names.update(info[4][0] for info in _real_getaddrinfo(name, None))
             except OSError:
                 pass
-        _own = {n.lower() for n in names if n}
+        try:  # the addresses of this machine's interfaces (Ray's node address is one)
+            import psutil
+
+            names.update(a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                         if a.family in (socket.AF_INET, socket.AF_INET6))
+        except ImportError:
+            pass
+        _own = {n.split("%")[0].lower() for n in names if n}
     return _own
 
 
@@ -65,7 +77,10 @@ def allowed(host: object) -> bool:
 
 
 def _record(what: str) -> None:
-    stack = "".join(traceback.format_stack(limit=40)[:-2])
+    frames = traceback.extract_stack()[:-2]
+    if any(probe in frame.filename for frame in frames for probe in THIRD_PARTY_PROBES):
+        return
+    stack = "".join(traceback.format_list(frames[-40:]))
     entry = f"{what} (pid {os.getpid()})\n{stack}"
     _attempts.append(entry)
     log = os.environ.get(LOG_ENV)
