@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ def write_expert(folder: Path, base: Any, embedder: Any, expert_id: str, texts: 
     model = get_peft_model(base, config)
     model.peft_config["default"].base_model_name_or_path = base_repo
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, save_embedding_layers=False)  # "auto" would look the base up on huggingface.co
     model.unload()  # take the LoRA layers out of the shared base again
     centroid = embedder.encode(texts).mean(axis=0)
     write_centroid(folder / "centroid.safetensors", centroid / np.linalg.norm(centroid))
@@ -125,3 +126,23 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     print(f"{title:<{width}}  value")
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+
+
+def met(ok: bool) -> str:
+    """How a target reads in a table: ``"met"`` or ``"NOT met"``, computed from the measured figure.
+
+    Example:
+        >>> met(0.91 >= 0.8), met(False)
+        ('met', 'NOT met')
+    """
+    return "met" if ok else "NOT met"
+
+
+def exit_code(oks: Iterable[bool]) -> int:
+    """The benchmark's exit status: 1 if any target was missed, else 0 (an empty list misses nothing).
+
+    Example:
+        >>> exit_code([True, True]), exit_code([True, False])
+        (0, 1)
+    """
+    return 0 if all(oks) else 1

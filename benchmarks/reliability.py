@@ -8,7 +8,8 @@
 - bad inputs: random registry rows, repo ids, queries and raw HTTP requests; crashes = an exception other
   than the documented error, or a 5xx from the Hub.
 
-Prints one table. Lost and crashes must be 0.
+Prints one table with a target per row, met / NOT met computed from the figures (lost, failed, verify
+problems and crashes 0; every fault survived; the Hub unchanged by bad inputs); exit code 1 if one is missed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("MOIN_HUB_ATTEMPTS", "3")
 
@@ -32,6 +34,7 @@ os.environ.setdefault("MOIN_HUB_ATTEMPTS", "3")
 def main() -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from _common import exit_code, met
     from huggingface_hub import HfApi, constants
 
     from moin_hub import LocalHub, Registry, init_registry, pull, push_expert
@@ -45,7 +48,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="moin-rel-"))
     os.environ["HF_HOME"] = str(root / "hf_home")
     constants.HF_HUB_CACHE = str(root / "hf_home" / "hub")
-    rows: list[tuple[str, str]] = []
+    rows: list[tuple[str, str, str, bool]] = []  # (what, result, target, met)
     hub = LocalHub(root / "hub").start()
     try:
         api = HfApi(endpoint=hub.url)
@@ -73,7 +76,9 @@ def main() -> int:
             lost = [a["expert_id"] for a in acked if a["expert_id"] not in index]
             problems = consistency_problems(reg, hub.url, root)
             rows.append((f"race: {n} pushers", f"acknowledged {len(acked)}, in index {len(index)}, lost {len(lost)}, "
-                                               f"failed {len(failed)}, verify problems {len(problems)} ({seconds:.1f} s)"))
+                                               f"failed {len(failed)}, verify problems {len(problems)} ({seconds:.1f} s)",
+                         f"all {n} in index, 0 lost/failed/problems",
+                         len(acked) == n and len(index) == n and not lost and not failed and not problems))
 
         # -- faults
         folder = experts(1, "faults")[0]
@@ -92,7 +97,8 @@ def main() -> int:
                     print(f"  push under {name} on {target} failed: {type(err).__name__}: {err}", file=sys.stderr)
                 hub.clear_faults()
         rows.append(("faults: transient x push", f"{survived}/{total} pushes completed and verified "
-                                                 f"({len(TRANSIENT)} kinds x 4 requests, each striking twice)"))
+                                                 f"({len(TRANSIENT)} kinds x 4 requests, each striking twice)",
+                     f"{total}/{total}", survived == total))
         pulled = 0
         for name, (kind, options) in sorted(TRANSIENT.items()):
             hub.inject_fault("GET", r"/resolve/[0-9a-f]{40}/adapter_model", kind, times=2, **options)
@@ -102,7 +108,8 @@ def main() -> int:
             except Exception as err:  # noqa: BLE001
                 print(f"  pull under {name} failed: {type(err).__name__}: {err}", file=sys.stderr)
             hub.clear_faults()
-        rows.append(("faults: transient x pull", f"{pulled}/{len(TRANSIENT)} pulls completed"))
+        rows.append(("faults: transient x pull", f"{pulled}/{len(TRANSIENT)} pulls completed",
+                     f"{len(TRANSIENT)}/{len(TRANSIENT)}", pulled == len(TRANSIENT)))
         clean = 0
         for name in ("503", "drop"):
             for target in ("expert-commit", "registry-commit"):
@@ -121,7 +128,8 @@ def main() -> int:
                     ok = ok and not consistency_problems(reg, hub.url, root)
                 hub.clear_faults()
                 clean += int(ok)
-        rows.append(("faults: persistent x push", f"{clean}/4 failed clearly, wrote nothing, and completed on rerun"))
+        rows.append(("faults: persistent x push", f"{clean}/4 failed clearly, wrote nothing, and completed on rerun",
+                     "4/4", clean == 4))
 
         # -- bad inputs
         rng = random.Random(0)
@@ -169,16 +177,17 @@ def main() -> int:
             except OSError:
                 crashes += 1
         changed = sorted(m.id for m in api.list_models()) != before
-        rows.append(("bad inputs", f"{tried} tried, crashes {crashes}, Hub state changed by them: {changed}"))
+        rows.append(("bad inputs", f"{tried} tried, crashes {crashes}, Hub state changed by them: {changed}",
+                     "0 crashes, unchanged", crashes == 0 and not changed))
     finally:
         hub.stop()
         shutil.rmtree(root, ignore_errors=True)
 
-    width = max(len(name) for name, _ in rows)
-    print(f"{'reliability':<{width}}  result")
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
-    return 0
+    width = max(len(name) for name, *_ in rows)
+    print(f"{'reliability':<{width}}  result  [target: met / NOT met]")
+    for name, value, target, ok in rows:
+        print(f"{name:<{width}}  {value}  [{target}: {met(ok)}]")
+    return exit_code(ok for *_, ok in rows)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+from _common import exit_code, met  # noqa: E402
 
 DIM = 384
 QUERY = "How long should bread dough rise before baking?"
@@ -203,11 +204,11 @@ def main() -> int:
         if r["requested"] == "auto":
             ok = r["p50_ms"] < 1.0
             checks.append(ok)
-            targets.append(f"p50 < 1 ms: {'yes' if ok else '**no**'}")
+            targets.append(f"p50 < 1 ms: {met(ok)}")
         if r["kind"] == "ivf":
             ok = r["recall"] >= 0.99
             checks.append(ok)
-            targets.append(f"recall >= 0.99: {'yes' if ok else '**no**'}")
+            targets.append(f"recall >= 0.99: {met(ok)}")
         lines.append([f"{r['experts']:,}", what, f"{r['build_s']:.2f}",
                       f"{r['router_cold_s']:.2f} s / {r['router_cached_ms']:.2f} ms", f"{r['p50_ms']:.3f}",
                       f"{r['p99_ms']:.3f}", f"{r['recall']:.4f}", f"{r['recall_off_topic']:.3f}",
@@ -231,7 +232,7 @@ def main() -> int:
     print("| " + " | ".join(["generate 32 tokens (SmolLM2-135M, fp32 CPU)", f"{generation_s:.2f} s (median)",
                               *blank]) + " |")
     print("| " + " | ".join(["routing / generation", f"{ratio:.2%}", *blank[:-1],
-                              f"< 5%: {'yes' if ok else '**no**'}"]) + " |")
+                              f"< 5%: {met(ok)}"]) + " |")
     print(f"(total benchmark wall time {time.perf_counter() - started:.0f} s)")
 
     if args.json:
@@ -239,7 +240,7 @@ def main() -> int:
                 "route_incl_embedding_ms": route_total_ms, "embed_ms": embed_ms, "generation_s": generation_s,
                 "ratio": ratio, "all_targets_met": all(checks)}
         args.json.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    return 0 if all(checks) else 1
+    return exit_code(checks)
 
 
 def _embedder_dir() -> Path:

@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import TOPICS, check_switching, print_table, publish_registry, use_fresh_hf_home
+from _common import TOPICS, check_switching, exit_code, met, print_table, publish_registry, use_fresh_hf_home
 
 
 def main() -> int:
@@ -162,9 +162,6 @@ def main() -> int:
     targets = {"mixed_engine": seq_ratio >= 0.8, "mixed_http": http_ratio >= 0.8, "cold": cold_ratio >= 20,
                "reload": reload_ratio >= 10}
 
-    def met(ok: bool) -> str:
-        return "met" if ok else "NOT met"
-
     rows = [
         ("configuration", f"{base_repo.split('/')[-1]} fp32 CPU ({torch.get_num_threads()} threads), "
                           f"{args.experts} cached experts LoRA r=8 q,v ({adapter_mb:.2f} MB each), local Hub"),
@@ -191,7 +188,7 @@ def main() -> int:
             "single_engine_tok_s": single_seq, "mixed_engine_tok_s": mixed_seq, "single_http_tok_s": single_http,
             "mixed_http_tok_s": mixed_http, "mean_batch_single": single_batch, "mean_batch_mixed": mixed_batch,
             "warm_switch_s": warm, "cold_load_s": cold_loads, "reload_s": reloads, **results}, indent=2))
-    return 0 if all(targets.values()) else 1
+    return exit_code(targets.values())
 
 
 if __name__ == "__main__":

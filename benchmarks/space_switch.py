@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import TOPICS, check_switching, print_table, publish_registry, use_fresh_hf_home
+from _common import TOPICS, check_switching, exit_code, met, print_table, publish_registry, use_fresh_hf_home
 
 QUERIES = {
     "cooking": "How long should bread dough rise before baking?",
@@ -103,7 +103,7 @@ def main() -> int:
          + " ms)"),
         ("warm switch between two cached experts (set_adapter)",
          f"{warm_ms:.3f} ms  (median of {len(warm)}; max {max(warm) * 1000:.3f} ms)"),
-        ("ratio first load / warm switch", f"x{ratio:.0f}  (target >= 5: {'met' if ratio >= 5 else 'NOT met'})"),
+        ("ratio first load / warm switch", f"x{ratio:.0f}  (target >= 5: {met(ratio >= 5)})"),
         ("first token, cold expert (route+load+1 token)", f"{token_cold_ms:.0f} ms"),
         ("first token, warm expert (route+switch+1 token)", f"{token_warm_ms:.0f} ms  "
                                                            f"(x{token_cold_ms / token_warm_ms:.1f} faster)"),
@@ -113,7 +113,7 @@ def main() -> int:
         args.json.write_text(json.dumps({"first_load_s": first_loads, "warm_switch_s": warm, "warm_up_s": warm_up_s,
                                          "first_token_cold_s": cold_token, "first_token_warm_s": warm_tokens,
                                          "ratio": ratio}, indent=2))
-    return 0 if ratio >= 5 else 1
+    return exit_code([ratio >= 5])
 
 
 if __name__ == "__main__":

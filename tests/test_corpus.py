@@ -1,7 +1,8 @@
 """Corpus input: Brown parsing, packing and splitting (on fake tagged files), generic loaders, token blocks.
 
 The unit tests write tiny ``ca01``-style files into ``tmp_path`` and point ``MOIN_BROWN_DIR`` at them; the
-tests on the real corpus are marked ``slow`` and skip when it is not in the cache (no fetch at test time).
+tests on the real corpus are marked ``slow`` and fail when it is not in the cache: `make setup` fetches it
+(`make brown`), nothing is fetched at test time.
 """
 
 from __future__ import annotations
@@ -462,14 +463,13 @@ def test_describe_counts_documents_words_sources_and_labels():
 # The real Brown Corpus (only where it is already cached: no network at test time)
 # --------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def real_brown(monkeypatch):
-    if os.environ.get("MOIN_BROWN_DIR") is None:
-        try:
-            return brown_dir(fetch=False)
-        except AssetNotFoundError as err:
-            pytest.skip(f"the Brown Corpus is not cached ({err}); fetch it once with moin_hub.pipeline.brown.brown_dir()")
-    return brown_dir()
+@pytest.fixture(scope="session")
+def real_brown():
+    """The real corpus, which `make setup` fetched (`make brown`); missing, the slow tests fail, never skip."""
+    try:
+        return brown_dir(fetch=False)
+    except AssetNotFoundError as err:
+        pytest.fail(f"the Brown Corpus is not cached ({err}): run `make brown` (part of `make setup`)", pytrace=False)
 
 
 @pytest.mark.slow

@@ -608,6 +608,9 @@ configs:
         tmp_path,
         f"""
         import json, datasets, pandas as pd
+        # datasets' own dataset-viewer and download-count requests (other hosts) are off: see the net guard
+        datasets.config.USE_PARQUET_EXPORT = False
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
         ds = datasets.load_dataset("org/ds")
         extra = datasets.load_dataset("org/ds", "extra", revision="{sha}")
         frame = pd.read_parquet("hf://datasets/org/ds/data/test.parquet")

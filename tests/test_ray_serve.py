@@ -52,6 +52,8 @@ EXTRAS = {
     "extra-finance": "Interest rates rose and the stock market fell as investors sold their bank shares.",
 }
 MAX_EXPERTS = 2  # per replica
+#: A batch window wide enough that requests sent together for one expert always meet in one batch.
+BATCH_WAIT_S = 0.5
 ROUTING_SETTLE_S = 0.5  # replicas push the experts they hold every 0.1 s; handles learn it by long poll
 
 
@@ -146,7 +148,7 @@ def cluster(hub, ray_registry, tmp_path_factory):
                  log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app(registry_id, endpoint=hub.url, replicas=2, max_experts_per_replica=MAX_EXPERTS,
-                        replica_num_cpus=0.5, ingress_num_cpus=0.5)
+                        replica_num_cpus=0.5, ingress_num_cpus=0.5, batch_wait_s=BATCH_WAIT_S)
         serve.run(app, name="moin", route_prefix="/")
         running = Cluster(f"http://127.0.0.1:{port}", registry_id, repos)
         deadline = time.monotonic() + 30
@@ -298,14 +300,17 @@ def test_errors_are_openai_json(cluster):
 def test_concurrent_requests_of_two_experts_each_get_their_own(cluster):
     answers: list[dict] = []
     errors: list[BaseException] = []
+    experts = ("cooking", "football") * 3
+    start = threading.Barrier(len(experts))
 
     def run(expert: str) -> None:
         try:
+            start.wait(timeout=60)  # all six leave together, well inside the replicas' batch window
             answers.append(complete(cluster, expert, QUERIES[expert], check_lru=False))
         except BaseException as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
-    threads = [threading.Thread(target=run, args=(e,)) for e in ("cooking", "football") * 3]
+    threads = [threading.Thread(target=run, args=(e,)) for e in experts]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -313,4 +318,7 @@ def test_concurrent_requests_of_two_experts_each_get_their_own(cluster):
     assert not errors, errors
     assert sorted(a["model"] for a in answers) == sorted(a["moin"]["expert"] for a in answers) == \
         ["cooking"] * 3 + ["football"] * 3
-    assert all(1 <= a["moin"]["batch_size"] <= 3 for a in answers)
+    # batched per replica: a batch holds one expert's requests only, and requests sent together do share one
+    sizes = {expert: [a["moin"]["batch_size"] for a in answers if a["model"] == expert] for expert in experts}
+    assert all(1 <= size <= 3 for per_expert in sizes.values() for size in per_expert), sizes
+    assert max(size for per_expert in sizes.values() for size in per_expert) > 1, sizes

@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from huggingface_hub import ModelCard, hf_hub_download
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
 from moin_hub import Registry, errors, init_registry, push_expert
 from moin_hub.hub.client import sha256_file
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_python(code: str, hub_url: str, tmp_path: Path, *, timeout: int = 180) -> subprocess.CompletedProcess:
     """Run code in a fresh interpreter with HF_ENDPOINT set before anything imports huggingface_hub."""
     env = {**os.environ, "HF_ENDPOINT": hub_url, "HF_HOME": str(tmp_path / "sub_hf_home"),
-           "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(ROOT)}
+           "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}  # net guard kept
     env.pop("HF_HUB_CACHE", None)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
@@ -54,11 +54,12 @@ def test_unknown_registry_and_base_model(hub):
 
 def test_push_expert_one_commit_card_and_row(hub, api, registry_id, make_expert):
     folder = make_expert("cooking")
-    commits_before = 0
+    assert not api.repo_exists("test-org/expert-cooking")
     result = push_expert(folder, registry=registry_id, repo_id="test-org/expert-cooking", endpoint=hub.url)
     commits = api.list_repo_commits("test-org/expert-cooking")
-    assert commits[0].commit_id == result.revision
-    assert len(commits) - commits_before <= 2  # the repo's initial commit + exactly one push commit
+    # the Hub's "initial commit" of a new repo, then exactly one commit with all files and the card
+    assert [c.title for c in commits][1:] == ["initial commit"]
+    assert len(commits) == 2 and commits[0].commit_id == result.revision
     files = set(api.list_repo_files("test-org/expert-cooking", revision=result.revision))
     assert files >= {*VERIFIED_EXPERT_FILES, "README.md"}
 
@@ -93,6 +94,9 @@ def test_push_update_replaces_row(hub, registry_id, make_expert):
     meta = json.loads((folder / "moin_expert.json").read_text())
     (folder / "moin_expert.json").write_text(json.dumps({**meta, "perplexity": 9.0}))
     second = push_expert(folder, registry=registry_id, repo_id="test-org/cook-upd", endpoint=hub.url)
+    commits = HfApi(endpoint=hub.url).list_repo_commits("test-org/cook-upd")
+    assert [c.commit_id for c in commits[:2]] == [second.revision, first.revision]  # one commit per push
+    assert len(commits) == 3  # initial commit + two pushes
     registry = Registry.load(registry_id, endpoint=hub.url)
     assert len(registry) == 1 and second.revision != first.revision
     assert registry.get("cooking").revision == second.revision and registry.get("cooking").perplexity == 9.0
@@ -136,7 +140,12 @@ def test_registry_loads_with_plain_datasets_and_pandas(hub, registry_id, make_ex
     proc = run_python(f"""
         import json
         import pandas as pd
+        import datasets
         from datasets import load_dataset
+        # datasets itself, not moin-hub, asks two more hosts (the net guard refuses them): the dataset viewer at
+        # datasets-server.<endpoint host> (no setting turns it off) and a download counter on s3.amazonaws.com
+        datasets.config.USE_PARQUET_EXPORT = False
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
         ds = load_dataset({registry_id!r}, split="train")
         df = pd.read_parquet("hf://datasets/{registry_id}/experts.parquet")
         print(json.dumps({{"n": len(ds), "ids": sorted(ds["expert_id"]), "dim": len(ds[0]["centroid"]),

@@ -204,15 +204,20 @@ def test_a_stop_string_ends_a_stream_where_it_ends_a_whole_answer(client):
 @pytest.mark.e2e
 def test_a_client_that_leaves_a_stream_stops_its_generation(server, client):
     engine = server.app.state.engine
+    request = {"model": "astronomy", "prompt": "Once upon a time", "max_tokens": 500, "temperature": 0}
+    # greedy, so deterministic: left alone, this request never meets EOS and runs to its 500 tokens; a
+    # stream of it that ends early can only have been stopped by its client leaving
+    whole = client.completions.create(**request)
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 500
     before = engine.stats.snapshot()["generated_tokens"]
-    stream = client.completions.create(model="astronomy", prompt="Once upon a time", max_tokens=500,
-                                       temperature=0, stream=True)
+    stream = client.completions.create(**request, stream=True)
     next(iter(stream))
     stream.close()
     after_close = client.completions.create(model="astronomy", prompt="x y", max_tokens=2)  # still serving
     assert after_close.choices[0].finish_reason in ("stop", "length")
-    generated = engine.stats.snapshot()["generated_tokens"] - before
-    assert generated < 500  # the left stream was cut short (its tokens are counted when it ends)
+    # the left stream's tokens are counted when it ends, which is before the next request's batch runs
+    streamed = engine.stats.snapshot()["generated_tokens"] - before - after_close.usage.completion_tokens
+    assert 1 <= streamed < 500, streamed
 
 
 @pytest.mark.e2e
@@ -357,13 +362,18 @@ def test_moin_hub_serve_runs_as_a_command(hub, topic_registry, tmp_path):
     import sys
     import time
 
+    from moin_hub import Registry
     from tests.reliability._tools import subprocess_env
 
     port = free_port()
     key = "sk-cli-" + uuid.uuid4().hex
     env = subprocess_env(hub.url, tmp_path / "home", MOIN_API_KEY=key)
+    # room by count for all three experts, by bytes for two: the byte cap, not the count, keeps the third out
+    adapter_bytes = {r.adapter_bytes for r in Registry.load(topic_registry, endpoint=hub.url)}
+    (size,) = adapter_bytes  # the test experts are all alike
     proc = subprocess.Popen([sys.executable, "-m", "moin_hub", "serve", "--registry", topic_registry, "--port",
-                             str(port), "--pin", "astronomy", "--cache-size", "2", "--mode", "adaptive"],
+                             str(port), "--pin", "astronomy", "--cache-size", "3", "--cache-bytes", str(2 * size),
+                             "--prefetch", "2", "--mode", "adaptive"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -380,9 +390,19 @@ def test_moin_hub_serve_runs_as_a_command(hub, topic_registry, tmp_path):
         response = client.completions.create(model="moin:auto", prompt=QUERIES["cooking"], max_tokens=3)
         assert response.model_extra["moin"]["mode"] == "adaptive"
         assert response.model_extra["moin"]["experts"][0]["expert_id"] == "cooking"
-        experts = {e["id"]: e for e in json.loads(raw_request(url, "GET", "/v1/experts",
-                                                              headers={"Authorization": f"Bearer {key}"})[2])["data"]}
+        auth = {"Authorization": f"Bearer {key}"}
+        deadline = time.monotonic() + 60  # --prefetch 2: the route's runner-ups are fetched in the background
+        while "moin_prefetches_total 1" not in raw_request(url, "GET", "/metrics", headers=auth)[2].decode():
+            assert time.monotonic() < deadline, "no runner-up was prefetched"
+            time.sleep(0.2)
+        experts = {e["id"]: e for e in json.loads(raw_request(url, "GET", "/v1/experts", headers=auth)[2])["data"]}
         assert experts["astronomy"]["pinned"] and experts["astronomy"]["loaded"]
+        # all three were loaded at some point (routed cooking, prefetched football), and --cache-size 3 has room
+        # for them, but --cache-bytes holds two: the pinned astronomy and one other (which, depends on timing)
+        assert sorted(e for e, info in experts.items() if info["loaded"] and e != "astronomy") in (["cooking"],
+                                                                                                ["football"])
+        metrics = raw_request(url, "GET", "/metrics", headers=auth)[2].decode()
+        assert f"moin_loaded_adapter_bytes {2 * size}" in metrics
     finally:
         proc.terminate()
         output, _ = proc.communicate(timeout=60)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -53,6 +54,24 @@ def trained(tiny_base, tmp_path_factory):
 
 def _listing(folder):
     return {p.name: sorted(q.name for q in p.iterdir()) for p in folder.iterdir()}
+
+
+#: What ``training.json`` may differ in between two runs of the same training: clocks, threads, the time stamp.
+VOLATILE = {"seconds", "tokens_per_second", "eval_seconds", "torch_threads", "created_at"}
+
+
+def _contents(folder):
+    """Every expert's files by sha256 of their bytes (``training.json`` without its volatile fields)."""
+    out = {}
+    for expert in sorted(folder.iterdir()):
+        for path in sorted(expert.iterdir()):
+            if path.name == "training.json":
+                record = {k: v for k, v in json.loads(path.read_text()).items() if k not in VOLATILE}
+                record["config"] = {k: v for k, v in record["config"].items() if k not in VOLATILE}
+                out[f"{expert.name}/{path.name}"] = record
+            else:
+                out[f"{expert.name}/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
 
 
 def test_expert_folder_has_exactly_the_expected_files(trained):
@@ -161,6 +180,7 @@ def test_two_workers_give_the_same_experts_as_one(tiny_base, tmp_path):
     two = train_experts(jobs, tmp_path / "two", small, workers=2, **kwargs)
     assert [p.name for p in one] == [p.name for p in two] == list(TOPIC_TEXTS)
     assert _listing(tmp_path / "one") == _listing(tmp_path / "two")
+    assert _contents(tmp_path / "one") == _contents(tmp_path / "two")  # byte for byte: weights, centroid, card data
     threads = json.loads((two[0] / "training.json").read_text())["torch_threads"]
     assert threads == max(1, len(os.sched_getaffinity(0)) // 2)
 

@@ -33,7 +33,7 @@ WORKDIR = click.argument("workdir", type=click.Path(file_okay=False, path_type=P
               show_default=True, help="Share of sources (files) held out for evaluation.")
 @click.option("--k", type=click.IntRange(1), default=8, show_default=True, help="Topics for k-means.")
 @click.option("--method", type=click.Choice(["kmeans", "hdbscan"]), default="kmeans", show_default=True,
-              help="faiss k-means (MoIN-5k style) or UMAP/PCA + HDBSCAN (MoIN-500 style, noise reassigned).")
+              help="faiss k-means (MoIN-5k style) or PCA (10-d) + HDBSCAN (MoIN-500 style, noise reassigned).")
 @click.option("--min-cluster-size", type=click.IntRange(2), default=None, help="HDBSCAN only.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of split and clustering.")
 @click.option("--base-model", default="HuggingFaceTB/SmolLM2-135M-Instruct", show_default=True,

@@ -7,8 +7,9 @@ query is routed to the expert whose topic centroid is nearest by cosine similari
 Two ways to split, as in the paper:
 
 - ``method="kmeans"`` (MoIN-5k): spherical k-means from faiss, ``k`` topics, deterministic for a seed.
-- ``method="hdbscan"`` (MoIN-500): a reduction to a few dimensions (UMAP if ``umap-learn`` is
-  installed, else PCA), then scikit-learn's HDBSCAN, which picks the number of topics itself.
+- ``method="hdbscan"`` (MoIN-500): a linear PCA to 10 dimensions, then scikit-learn's HDBSCAN, which
+  picks the number of topics itself. (The paper and BERTopic reduce with UMAP; moin-hub uses PCA, which
+  scikit-learn already ships, so there is no extra dependency and no untested path.)
 
 HDBSCAN leaves some documents unclustered ("noise", label ``-1``). An expert must still be trained on
 every document, so each noise document is *also* given the topic of its nearest centroid:
@@ -25,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 from collections.abc import Sequence
 from dataclasses import replace
@@ -46,9 +46,8 @@ from .._validators import validate_positive_int
 from ..errors import EmbedderMismatchError
 from .topics import METHODS, TopicModel
 
-REDUCERS = ("auto", "umap", "pca", "none")
-#: Dimensions HDBSCAN sees after reduction: BERTopic's UMAP default, and about 10 for linear PCA.
-UMAP_DIM = 5
+REDUCERS = ("pca", "none")
+#: Dimensions HDBSCAN sees after the PCA reduction.
 PCA_DIM = 10
 #: HDBSCAN's default smallest topic: BERTopic's ``min_topic_size``.
 DEFAULT_MIN_CLUSTER_SIZE = 10
@@ -156,7 +155,7 @@ def _unit_rows(array: Any, *, field: str) -> np.ndarray:
 
 def cluster_embeddings(embeddings: np.ndarray, *, k: int = 8, method: str = "kmeans", seed: int = 0,
                        min_cluster_size: int | None = None, niter: int = 25, nredo: int = 10,
-                       reducer: str = "auto") -> TopicModel:
+                       reducer: str = "pca") -> TopicModel:
     """Split document embeddings into topics.
 
     ``"kmeans"``: faiss spherical k-means (cosine) with ``niter`` Lloyd iterations, restarted ``nredo``
@@ -164,8 +163,7 @@ def cluster_embeddings(embeddings: np.ndarray, *, k: int = 8, method: str = "kme
     deterministic for a ``seed``; every document then goes to its nearest centroid. Topics left empty
     are dropped, so fewer than ``k`` may come back (only with duplicate or degenerate embeddings).
 
-    ``"hdbscan"``: the embeddings are reduced (``reducer``: ``"umap"`` to 5-d, ``"pca"`` to 10-d,
-    ``"none"``, or ``"auto"`` = UMAP if ``umap-learn`` is installed, else PCA), then clustered by
+    ``"hdbscan"``: the embeddings are reduced (``reducer``: ``"pca"`` to 10-d, or ``"none"``), then clustered by
     scikit-learn's HDBSCAN, which picks the number of topics itself: ``k`` is ignored. Noise documents
     keep ``-1`` in ``assignments`` and go to their nearest centroid in ``training_assignments`` (see the
     module doc).
@@ -183,7 +181,7 @@ def cluster_embeddings(embeddings: np.ndarray, *, k: int = 8, method: str = "kme
             ``min_topic_size``). Ignored by k-means.
         niter: k-means iterations per run.
         nredo: k-means runs; the time grows with it, so lower it for very large ``k * n_docs``.
-        reducer: the reduction before HDBSCAN; ignored by k-means.
+        reducer: the reduction before HDBSCAN, ``"pca"`` or ``"none"``; ignored by k-means.
 
     Returns:
         A :class:`TopicModel` without keywords (see :func:`cluster_documents`).
@@ -245,19 +243,11 @@ def _reduce(vectors: np.ndarray, *, seed: int, reducer: str) -> tuple[np.ndarray
     """Reduce embeddings for HDBSCAN; returns the reduced rows and the reducer actually used."""
     if reducer not in REDUCERS:
         raise ValueError(f"reducer must be one of {REDUCERS}, got {reducer!r}.")
-    if reducer == "auto":
-        reducer = "umap" if importlib.util.find_spec("umap") is not None else "pca"
     n_docs, dim = vectors.shape
-    target = min(UMAP_DIM if reducer == "umap" else PCA_DIM, n_docs - 1)
+    target = min(PCA_DIM, n_docs - 1)
     if reducer == "none" or target < 1 or target >= dim:
         return vectors, "none"
-    if reducer == "umap":
-        import umap  # optional dependency: pip install umap-learn
-
-        model = umap.UMAP(n_components=target, n_neighbors=min(15, n_docs - 1), min_dist=0.0, metric="cosine",
-                          random_state=seed)
-    else:
-        model = PCA(n_components=target, random_state=seed)
+    model = PCA(n_components=target, random_state=seed)
     return np.ascontiguousarray(model.fit_transform(vectors), dtype=np.float32), reducer
 
 

@@ -227,11 +227,15 @@ class MoinExperts:
             replica serves the same experts).
         base_model: override the registry's base model (see :class:`~moin_hub.serving.engine.ExpertEngine`).
         max_experts: experts held per replica: Ray's multiplexing limit and the engine's adapter budget.
+        batch_wait_s: how long a replica waits for more requests of the same expert before it runs a batch.
     """
 
     def __init__(self, registry_id: str, *, revision: str | None = None, endpoint: str | None = None,
-                 token: str | None = None, base_model: str | None = None, max_experts: int = 4):
+                 token: str | None = None, base_model: str | None = None, max_experts: int = 4,
+                 batch_wait_s: float = BATCH_WAIT_S):
         validate_positive_int(max_experts, field="max_experts")
+        # one replica per actor process, so setting the decorator's (per process) queue here is per replica
+        self._generate.set_batch_wait_timeout_s(float(batch_wait_s))
         self.engine = ExpertEngine(registry_id, revision=revision, endpoint=endpoint, token=token,
                                    base_model=base_model, cache_size=max_experts)
         self.engine.max_context()  # loads the base model now: a replica is ready when it can generate
@@ -392,7 +396,7 @@ class MoinIngress:
 def build_app(registry_id: str, *, endpoint: str | None = None, token: str | None = None,
               revision: str | None = None, replicas: int = 2, max_experts_per_replica: int = 4,
               replica_num_cpus: float = 0.5, replica_num_gpus: float = 0, ingress_num_cpus: float = 0.5,
-              base_model: str | None = None) -> Any:
+              base_model: str | None = None, batch_wait_s: float = BATCH_WAIT_S) -> Any:
     """The Ray Serve application: :class:`MoinIngress` in front of ``replicas`` :class:`MoinExperts` replicas.
 
     The registry is loaded here once and its commit sha handed to every replica and the ingress, so the whole
@@ -411,6 +415,8 @@ def build_app(registry_id: str, *, endpoint: str | None = None, token: str | Non
             one GPU each). Size them to the cluster: a replica that cannot be placed makes ``serve.run`` wait.
         ingress_num_cpus: Ray CPUs of the ingress replica (router + embedder).
         base_model: override the registry's base model (``"org/name[@rev]"`` or a folder present on every node).
+        batch_wait_s: seconds a replica waits for more requests of one expert before running a batch
+            (``@serve.batch``'s ``batch_wait_timeout_s``; default 0.01).
 
     Returns:
         The bound application, for ``serve.run`` (or ``serve run`` through :func:`app_builder`).
@@ -428,7 +434,7 @@ def build_app(registry_id: str, *, endpoint: str | None = None, token: str | Non
     validate_positive_int(replicas, field="replicas")
     validate_positive_int(max_experts_per_replica, field="max_experts_per_replica")
     for name, value in (("replica_num_cpus", replica_num_cpus), ("replica_num_gpus", replica_num_gpus),
-                        ("ingress_num_cpus", ingress_num_cpus)):
+                        ("ingress_num_cpus", ingress_num_cpus), ("batch_wait_s", batch_wait_s)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"{name} must be a number >= 0, got {short_repr(value)}.")
     endpoint = resolve_endpoint(endpoint)
@@ -436,7 +442,7 @@ def build_app(registry_id: str, *, endpoint: str | None = None, token: str | Non
     experts = MoinExperts.options(
         num_replicas=replicas, ray_actor_options={"num_cpus": replica_num_cpus, "num_gpus": replica_num_gpus},
     ).bind(registry_id, revision=commit, endpoint=endpoint, token=token, base_model=base_model,
-           max_experts=max_experts_per_replica)
+           max_experts=max_experts_per_replica, batch_wait_s=batch_wait_s)
     return MoinIngress.options(ray_actor_options={"num_cpus": ingress_num_cpus}).bind(
         experts, registry_id, revision=commit, endpoint=endpoint, token=token)
 
@@ -447,7 +453,7 @@ def app_builder(args: dict[str, str]) -> Any:
     """
     known = {"registry_id": str, "endpoint": str, "token": str, "revision": str, "replicas": int,
              "max_experts_per_replica": int, "replica_num_cpus": float, "replica_num_gpus": float,
-             "ingress_num_cpus": float, "base_model": str}
+             "ingress_num_cpus": float, "base_model": str, "batch_wait_s": float}
     unknown = sorted(set(args) - set(known))
     if unknown or "registry_id" not in args:
         optional = ", ".join(name for name in known if name != "registry_id")

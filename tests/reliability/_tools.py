@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def subprocess_env(endpoint: str, home: Path, **extra: str) -> dict[str, str]:
     """The environment of a pusher process: the local Hub, its own HF home, the repo on PYTHONPATH."""
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(home), "PYTHONPATH": str(ROOT),
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))  # keeps the tests' net guard
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(home), "PYTHONPATH": path,
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", **extra}
     env.pop("HF_HUB_CACHE", None)
     return env
