@@ -9,7 +9,7 @@ from ._common import emit, examples, hub_options, registry_option
 
 @click.group("registry")
 def command() -> None:
-    """Inspect registries."""
+    """Inspect and maintain registries (show, verify, compact, migrate)."""
 
 
 @command.command("show", epilog=examples("moin-hub registry show --registry acme/moin-registry --format json"))
@@ -66,3 +66,38 @@ def verify(registry: str, revision: str | None, endpoint: str | None, token: str
     emit(output_format, report.to_dict(), text)
     if not report.ok:
         sys.exit(1)
+
+
+def _rewrite_text(result, verb: str) -> str:  # noqa: ANN001
+    if not result.committed:
+        return f"{result.registry_id}@{result.revision[:12]}: nothing to {verb} ({result.n_experts} expert(s))"
+    return (f"{result.registry_id}@{result.revision[:12]}: {result.n_experts} expert(s) in {result.n_cells} "
+            f"shard(s), format v{result.format_version}")
+
+
+@command.command("compact", epilog=examples("moin-hub registry compact --registry acme/moin-registry"))
+@registry_option
+@hub_options
+def compact(registry: str, endpoint: str | None, token: str | None, output_format: str) -> None:
+    """Fold the shards pushed since the last compaction back into k-means cells (one commit).
+
+    \b
+    Rewrites every row (an O(n) step, so that pushes stay O(1)), the ids file, the coarse routing
+    file (cell centroids; registries of 2,048 experts or more) and the card. Safe while others push:
+    the commit is made on the head it read, and recomputed if the head moved.
+    """
+    from ..hub.compaction import compact_registry
+
+    result = compact_registry(registry, endpoint=endpoint, token=token)
+    emit(output_format, result.to_dict(), lambda: _rewrite_text(result, "compact"))
+
+
+@command.command("migrate", epilog=examples("moin-hub registry migrate --registry acme/old-registry"))
+@registry_option
+@hub_options
+def migrate(registry: str, endpoint: str | None, token: str | None, output_format: str) -> None:
+    """Upgrade a format v1 registry (one experts.parquet) to the sharded format v2 (one commit)."""
+    from ..hub.compaction import migrate_registry
+
+    result = migrate_registry(registry, endpoint=endpoint, token=token)
+    emit(output_format, result.to_dict(), lambda: _rewrite_text(result, "migrate"))

@@ -176,7 +176,7 @@ def plot_title(path: str) -> str:
 
 
 def registry_card(manifest: RegistryManifest, experts: list[ExpertRecord], *, registry_id: str,
-                  endpoint: str, plots: Sequence[str] = ()) -> DatasetCard:
+                  endpoint: str, plots: Sequence[str] = (), n_experts: int | None = None) -> DatasetCard:
     """Render the dataset card of a registry: what it is, its experts table, plots, how to use it.
 
     Args:
@@ -184,12 +184,15 @@ def registry_card(manifest: RegistryManifest, experts: list[ExpertRecord], *, re
         registry_id / endpoint: for links.
         plots: paths of image files *in the registry repo* (e.g. ``plots/topic_map.png``), shown in a
             "Plots" section through their ``resolve/main`` URLs; none, no section.
+        n_experts: how many experts the registry holds, when ``experts`` shows only some of them (a big
+            v2 registry's card lists its first rows).
     """
+    data_files = EXPERTS_FILENAME if manifest.format_version == 1 else "data/*.parquet"
     card_data = DatasetCardData(
         license="apache-2.0",
         pretty_name=f"MoIN registry {registry_id}",
         tags=["moin", "moin-registry", "lora", "peft"],
-        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": EXPERTS_FILENAME}]}],
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": data_files}]}],
         moin={
             "format_version": manifest.format_version,
             "base_model": manifest.base_model.repo_id,
@@ -230,6 +233,7 @@ def registry_card(manifest: RegistryManifest, experts: list[ExpertRecord], *, re
         distance=manifest.distance,
         format_version=manifest.format_version,
         experts=rows,
+        n_experts=len(experts) if n_experts is None else n_experts,
         plots=[{"title": plot_title(path), "url": f"{endpoint}/datasets/{registry_id}/resolve/main/{path}"}
                for path in plots],
         created_by=f"moin-hub {__version__}",

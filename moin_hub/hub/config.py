@@ -25,8 +25,10 @@ from .._validators import (
 )
 from .._version import __version__
 
-#: Version of the registry layout (`moin_registry.json` + `experts.parquet`) this code writes.
-REGISTRY_FORMAT_VERSION = 1
+#: Version of the registry layout this code writes (2: sharded rows under ``data/``, see hub/shards.py).
+REGISTRY_FORMAT_VERSION = 2
+#: Layout versions this code reads (1: one ``experts.parquet``).
+READABLE_FORMAT_VERSIONS = (1, 2)
 REGISTRY_FORMAT_NAME = "moin-registry"
 MANIFEST_FILENAME = "moin_registry.json"
 EXPERTS_FILENAME = "experts.parquet"
@@ -144,10 +146,10 @@ class RegistryManifest(_Serializable):
             object.__setattr__(self, "embedder", EmbedderSpec.from_dict(self.embedder))
         if self.format != REGISTRY_FORMAT_NAME:
             raise ValueError(f"format={self.format!r} is not a moin registry ({REGISTRY_FORMAT_NAME!r}).")
-        if self.format_version != REGISTRY_FORMAT_VERSION:
+        if self.format_version not in READABLE_FORMAT_VERSIONS:
             raise ValueError(
                 f"format_version={self.format_version!r} is not supported by moin-hub {__version__} "
-                f"(reads version {REGISTRY_FORMAT_VERSION}); upgrade moin-hub."
+                f"(reads versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}); upgrade moin-hub."
             )
         if self.distance != "cosine":
             raise ValueError(f"distance={self.distance!r} is not supported; only 'cosine'.")
