@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 from huggingface_hub import HfApi
 
-from moin_hub import Registry, init_registry
+from moin_hub import Registry, Router, init_registry
 from moin_hub.cli import cli
 from moin_hub.hub import shards
 from moin_hub.hub.compaction import compact_registry, migrate_registry, write_rows
@@ -113,3 +113,28 @@ def test_v1_registries_are_read_and_migrate_to_v2(hub, api, tmp_path):
     assert not migrate_registry(registry_id, endpoint=hub.url).committed  # already v2
     readme = api.hf_hub_download(registry_id, "README.md", repo_type="dataset")
     assert "data/*.parquet" in open(readme, encoding="utf-8").read()
+
+
+def test_cold_route_fetches_the_coarse_file_and_probed_cells_only(hub, registry_id):
+    vectors = clustered(3000, clusters=200, seed=3)
+    result = write_rows(registry_id, synthetic_table(vectors), endpoint=hub.url)
+    assert result.n_cells > 1
+    extra = clustered(1, seed=4)[0]
+    update_registry(registry_id, upsert_expert(record("fresh", extra)), commit_message="add", endpoint=hub.url)
+
+    router = Router.from_registry(registry_id, endpoint=hub.url, index_threshold=2000)
+    partial = router.index
+    assert partial.kind == "cells" and partial.nprobe < len(partial.coarse.cells)
+    router.route_vector(vectors[0], k=3)  # a cold query downloads the probed cells and the one delta only
+    assert partial.fetched_shards == partial.nprobe + 1
+    rng = np.random.default_rng(5)
+    rows = rng.choice(len(vectors), 300, replace=False)
+    noise = rng.standard_normal((300, DIM)).astype(np.float32) * (rng.uniform(1.0, 2.5, (300, 1)) / np.sqrt(DIM))
+    queries = unit(vectors[rows] + noise)
+    exact = (queries @ vectors.T).max(axis=1)
+    hits = [router.route_vector(q, k=1).best.similarity >= e - 1e-5 for q, e in zip(queries, exact, strict=True)]
+    recall = float(np.mean(hits))
+    assert recall >= 0.99, recall
+    assert router.route_vector(extra, k=1).best.expert.expert_id == "fresh"  # deltas are searched too
+    assert not router.registry.loaded
+    print(f"recall@1 vs exact = {recall:.3f}, nprobe {partial.nprobe} of {len(partial.coarse.cells)} cells")
