@@ -10,6 +10,9 @@ Layout of a v2 registry repo::
     index/ids.parquet               expert_id, repo_id, shard of every compacted row (the push's lookup)
     index/removed/<expert_id>       a compacted row that was removed or moved to a delta since
     index/coarse.safetensors        cell centroids and nprobe (registries of >= CELLS_MIN_EXPERTS rows)
+    index/cells/cell-NNNNN.safetensors
+                                    the centroids of one cell's rows (float16, in its shard's row order):
+                                    what a partial route downloads per probed cell
     README.md                       dataset card; ``configs`` reads ``data/*.parquet``
 
 Every row is in exactly one ``data/`` shard, so ``datasets.load_dataset`` sees the registry's rows.
@@ -50,6 +53,7 @@ DELTA_PREFIX = "data/delta-"
 IDS_FILENAME = "index/ids.parquet"
 COARSE_FILENAME = "index/coarse.safetensors"
 REMOVED_DIR = "index/removed"
+INDEX_CELLS_DIR = "index/cells"
 #: Registries of at most this many rows are rewritten whole (one shard) on every write, card table included.
 SMALL_REGISTRY_ROWS = 256
 #: How many rows of a bigger registry the card's experts table shows (rendered at compaction).
@@ -68,6 +72,28 @@ def repo_key(repo_id: str) -> str:
 def delta_path(record: ExpertRecord) -> str:
     """The delta shard of one pushed row, e.g. ``data/delta-1a2b3c4d5e6f-topic-03.parquet``."""
     return f"{DELTA_PREFIX}{repo_key(record.repo_id)}-{record.expert_id}.parquet"
+
+
+def index_cell_path(shard: str) -> str:
+    """The centroid file of a cell shard: ``data/cell-00042.parquet`` -> ``index/cells/cell-00042.safetensors``."""
+    return f"{INDEX_CELLS_DIR}/{shard.rsplit('/', 1)[-1].removesuffix('.parquet')}.safetensors"
+
+
+def table_centroids(table: pa.Table, dim: int) -> np.ndarray:
+    """The centroid column of a rows table as an ``(n, dim)`` float32 array."""
+    if not table.num_rows:
+        return np.zeros((0, dim), np.float32)
+    return np.asarray(table["centroid"].combine_chunks().flatten(), dtype=np.float32).reshape(table.num_rows, dim)
+
+
+def index_cell_bytes(table: pa.Table, dim: int) -> bytes:
+    """The centroid file of a cell: its rows' unit centroids as float16 (tensor ``"centroids"``)."""
+    from safetensors.numpy import save
+
+    from .cells import unit_rows
+
+    return save({"centroids": unit_rows(table_centroids(table, dim)).astype(np.float16)},
+                metadata={"format": "moin-cell-centroids"})
 
 
 def is_data_shard(path: str) -> bool:
@@ -221,6 +247,9 @@ def delta_operations(reader: ShardReader, old: Sequence[tuple[ExpertRecord, str]
         table = reader.table(shard)
         kept = table.filter(pc.invert(pc.is_in(table["expert_id"], pa.array(sorted(expert_ids), pa.string()))))
         operations.append(CommitOperationAdd(shard, table_to_parquet(kept.cast(EXPERTS_SCHEMA))))
+        if reader.layout.has_coarse:
+            operations.append(CommitOperationAdd(index_cell_path(shard),
+                                                 index_cell_bytes(kept, reader.manifest.embedder.dim)))
     return operations
 
 
@@ -236,8 +265,7 @@ def compact_operations(table: pa.Table, manifest: RegistryManifest, *, registry_
     table = table.cast(EXPERTS_SCHEMA).sort_by("expert_id")
     n = table.num_rows
     dim = manifest.embedder.dim
-    centroids = (np.asarray(table["centroid"].combine_chunks().flatten(), dtype=np.float32).reshape(n, dim)
-                 if n else np.zeros((0, dim), np.float32))
+    centroids = table_centroids(table, dim)
     plan = plan_cells(centroids, seed=seed)
     operations: list[CommitOperationAdd | CommitOperationDelete] = []
     cells, shard_of_row = [], np.empty(n, dtype=object)
@@ -248,7 +276,10 @@ def compact_operations(table: pa.Table, manifest: RegistryManifest, *, registry_
         path = CELL_TEMPLATE.format(cell)
         cells.append(path)
         shard_of_row[rows] = path
-        operations.append(CommitOperationAdd(path, table_to_parquet(table.take(pa.array(rows, pa.int64())))))
+        cell_table = table.take(pa.array(rows, pa.int64()))
+        operations.append(CommitOperationAdd(path, table_to_parquet(cell_table)))
+        if len(plan.centroids) > 1:
+            operations.append(CommitOperationAdd(index_cell_path(path), index_cell_bytes(cell_table, dim)))
     ids = pa.table({"expert_id": table["expert_id"], "repo_id": table["repo_id"],
                     "shard": pa.array(shard_of_row.tolist(), pa.string())}, schema=IDS_SCHEMA)
     operations.append(CommitOperationAdd(IDS_FILENAME, table_to_parquet(ids)))
@@ -258,9 +289,10 @@ def compact_operations(table: pa.Table, manifest: RegistryManifest, *, registry_
             plan.centroids, cells, nprobe=plan.nprobe, n_experts=n, recall=plan.recall)))
     elif COARSE_FILENAME in old_files:
         operations.append(CommitOperationDelete(COARSE_FILENAME))
-    keep = set(cells)
+    keep = set(cells) | ({index_cell_path(c) for c in cells} if len(cells) > 1 else set())
     operations += [CommitOperationDelete(path) for path in sorted(old_files)
-                   if (is_data_shard(path) and path not in keep) or path.startswith(f"{REMOVED_DIR}/")]
+                   if ((is_data_shard(path) or path.startswith(f"{INDEX_CELLS_DIR}/")) and path not in keep)
+                   or path.startswith(f"{REMOVED_DIR}/")]
     operations.append(card_operation(manifest, experts_from_table(table.slice(0, CARD_TABLE_ROWS),
                                                                   registry_id=registry_id, dim=dim),
                                      n_experts=n, registry_id=registry_id, endpoint=endpoint, plots=plots))
