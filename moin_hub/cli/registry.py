@@ -101,3 +101,46 @@ def migrate(registry: str, endpoint: str | None, token: str | None, output_forma
 
     result = migrate_registry(registry, endpoint=endpoint, token=token)
     emit(output_format, result.to_dict(), lambda: _rewrite_text(result, "migrate"))
+
+
+@command.command("rebuild", epilog=examples(
+    "moin-hub registry rebuild --registry acme/moin-registry",
+    "moin-hub registry rebuild --registry acme/moin-registry --write --format json"))
+@registry_option
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Download every file of each expert and compare its sha256 with its card's.")
+@click.option("--write", is_flag=True, help="Replace the registry's rows by the rebuilt ones (one commit).")
+@hub_options
+def rebuild(registry: str, verify: bool, write: bool, endpoint: str | None, token: str | None,
+            output_format: str) -> None:
+    """Rebuild a registry's rows from the expert cards on the Hub tagged for it.
+
+    \b
+    Each expert card carries all its row needs (full centroid, embedder pin, perplexities in
+    model-index, file digests); the row pins the repo's head commit. Cards for another registry,
+    base model or embedder, or whose files do not match, are refused and listed. Without --write,
+    compares the rebuilt rows with the registry's (exit code 1 if they differ).
+    """
+    import sys
+
+    from ..hub.rebuild import rebuild_registry
+    from ..hub.registry import Registry
+
+    report = rebuild_registry(registry, verify=verify, write=write, endpoint=endpoint, token=token,
+                              progress=output_format == "text")
+    current = None if write else Registry.load(registry, endpoint=endpoint, token=token)
+    same = current is None or list(current.experts) == report.rows
+    data = {**report.to_dict(), "same_as_registry": same if current is not None else None}
+
+    def text() -> str:
+        lines = [f"{registry}: {len(report.rows)} expert(s) rebuilt from their cards, {len(report.problems)} refused"]
+        lines += [f"  refused {repo}: {reason}" for repo, reason in report.problems.items()]
+        if write:
+            lines.append(f"written at {report.written_revision}")
+        else:
+            lines.append("same rows as the registry" if same else "the registry's rows differ (pass --write to replace them)")
+        return "\n".join(lines)
+
+    emit(output_format, data, text)
+    if not same:
+        sys.exit(1)
