@@ -144,3 +144,43 @@ def rebuild(registry: str, verify: bool, write: bool, endpoint: str | None, toke
     emit(output_format, data, text)
     if not same:
         sys.exit(1)
+
+
+def _lines(path: str) -> list[str]:
+    from pathlib import Path
+
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    return [line for line in lines if line]
+
+
+@command.command("calibrate", epilog=examples(
+    "moin-hub registry calibrate --registry acme/moin-registry --queries heldout.txt --off-topic off.txt",
+    "moin-hub registry calibrate --registry acme/moin-registry --queries q.txt --off-topic o.txt --write"))
+@registry_option
+@click.option("--queries", "queries_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Held-out on-topic queries, one per line.")
+@click.option("--off-topic", "off_topic_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Off-topic prompts (greetings, other subjects), one per line.")
+@click.option("--write", is_flag=True, help="Record the threshold as the registry's default_threshold (one commit).")
+@hub_options
+def calibrate(registry: str, queries_file: str, off_topic_file: str, write: bool, endpoint: str | None,
+              token: str | None, output_format: str) -> None:
+    """Set the routing threshold on calibrated scores from on-topic queries vs off-topic prompts.
+
+    \b
+    Each query's best route is scored as a z-score of its cosine against the expert's own
+    documents (sim_mean, sim_std in its row). The threshold that best separates the two sets
+    (the largest smaller-of kept on-topic and rejected off-topic) is printed, and with --write
+    stored in moin_registry.json; `route` then uses it when no --threshold is given.
+    """
+    from ..hub.calibration import calibrate_registry
+
+    report = calibrate_registry(registry, _lines(queries_file), _lines(off_topic_file), write=write,
+                                endpoint=endpoint, token=token)
+
+    def text() -> str:
+        where = f"; written at {report.written_revision[:12]}" if report.written_revision else " (not written)"
+        return (f"{registry}: threshold {report.threshold:+.3f} keeps {report.kept:.1%} of {report.n_on_topic} "
+                f"on-topic queries and rejects {report.rejected:.1%} of {report.n_off_topic} off-topic{where}")
+
+    emit(output_format, report.to_dict(), text)

@@ -151,7 +151,7 @@ def expert_card(record: ExpertRecord, manifest: RegistryManifest, *, registry_id
 #: Row fields the card's ``moin`` metadata carries as they are (the perplexities are in ``model-index``,
 #: the revision is the commit the card is read at).
 CARD_ROW_FIELDS = ("expert_id", "keywords", "n_docs", "n_tokens", "lora_rank", "lora_alpha", "target_modules",
-                   "adapter_bytes", "files", "title", "created_at", "created_by")
+                   "adapter_bytes", "files", "title", "created_at", "created_by", "sim_mean", "sim_std")
 PERPLEXITY_NAMES = {"Perplexity (expert)": "perplexity", "Perplexity (base model)": "base_perplexity"}
 
 

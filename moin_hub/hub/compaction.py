@@ -30,7 +30,7 @@ from .registry import (
     manifest_operation,
     read_manifest,
 )
-from .rows import EXPERTS_SCHEMA, experts_table, read_parquet
+from .rows import EXPERTS_SCHEMA, conform, experts_table, read_parquet
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def _all_rows(registry_id: str, head: str, manifest, files: list[str], *, endpoi
         tables = [read_parquet(reader.path(EXPERTS_FILENAME), registry_id=registry_id)]
     else:
         tables = reader.tables(list(reader.layout.shards))
-    table = (pa.concat_tables([t.cast(EXPERTS_SCHEMA) for t in tables]) if tables
+    table = (pa.concat_tables([conform(t) for t in tables]) if tables
              else EXPERTS_SCHEMA.empty_table())
     for column in ("expert_id", "repo_id"):
         if len(pc.unique(table[column])) != table.num_rows:

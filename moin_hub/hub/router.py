@@ -35,13 +35,21 @@ class Route:
     similarity: float
     rank: int
 
+    @property
+    def score(self) -> float | None:
+        """The calibrated score: the similarity as a z-score against the expert's own documents
+        (``(similarity - sim_mean) / sim_std``), or None when its row has no statistics."""
+        return self.expert.calibrated(self.similarity)
+
     def to_dict(self) -> dict[str, object]:
+        score = self.score
         return {
             "rank": self.rank,
             "expert_id": self.expert.expert_id,
             "repo_id": self.expert.repo_id,
             "revision": self.expert.revision,
             "similarity": round(self.similarity, 6),
+            "score": None if score is None else round(score, 6),
             "keywords": list(self.expert.keywords),
         }
 

@@ -37,7 +37,16 @@ EXPERTS_SCHEMA = pa.schema([
     pa.field("title", pa.string()),
     pa.field("created_at", pa.string()),
     pa.field("created_by", pa.string()),
+    pa.field("sim_mean", pa.float64()),
+    pa.field("sim_std", pa.float64()),
 ])
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """``table`` with :data:`EXPERTS_SCHEMA`'s columns in order; columns an older writer lacked are nulls."""
+    columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in EXPERTS_SCHEMA]
+    return pa.Table.from_arrays(columns, schema=EXPERTS_SCHEMA)
 
 def experts_to_parquet(records: list[ExpertRecord]) -> bytes:
     """Serialise registry rows to parquet bytes with :data:`EXPERTS_SCHEMA`."""

@@ -43,7 +43,7 @@ from . import cards
 from .cells import coarse_bytes, plan_cells
 from .client import download_file
 from .config import ExpertRecord, RegistryManifest
-from .rows import EXPERTS_SCHEMA, experts_from_table, experts_table, read_parquet, table_to_parquet
+from .rows import conform, experts_from_table, experts_table, read_parquet, table_to_parquet
 
 DATA_DIR = "data"
 #: The ``configs`` data_files glob of a v2 registry card: every shard.
@@ -246,7 +246,7 @@ def delta_operations(reader: ShardReader, old: Sequence[tuple[ExpertRecord, str]
     for shard, expert_ids in sorted(out_of_cells.items()):
         table = reader.table(shard)
         kept = table.filter(pc.invert(pc.is_in(table["expert_id"], pa.array(sorted(expert_ids), pa.string()))))
-        operations.append(CommitOperationAdd(shard, table_to_parquet(kept.cast(EXPERTS_SCHEMA))))
+        operations.append(CommitOperationAdd(shard, table_to_parquet(conform(kept))))
         if reader.layout.has_coarse:
             operations.append(CommitOperationAdd(index_cell_path(shard),
                                                  index_cell_bytes(kept, reader.manifest.embedder.dim)))
@@ -262,7 +262,7 @@ def compact_operations(table: pa.Table, manifest: RegistryManifest, *, registry_
     the coarse file (when there are several cells) and the card; deletes every other shard, tombstone and
     a stale coarse file among ``old_files``.
     """
-    table = table.cast(EXPERTS_SCHEMA).sort_by("expert_id")
+    table = conform(table).sort_by("expert_id")
     n = table.num_rows
     dim = manifest.embedder.dim
     centroids = table_centroids(table, dim)
