@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from moin_hub.cli import cli, main
 from tests._helpers import QUERIES
 
-COMMANDS = ["local-hub", "init-registry", "push-expert", "remove-expert", "route", "pull", "registry",
+COMMANDS = ["local-hub", "init-registry", "push-expert", "register", "remove-expert", "route", "pull", "registry",
             "publish-assets", "cluster", "train", "evaluate", "push-all", "demo", "space", "serve"]
 
 

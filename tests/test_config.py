@@ -56,7 +56,7 @@ def test_manifest_round_trip_and_checks():
                                 embedder=EmbedderSpec("org/emb", "b" * 40, dim=384))
     data = json.loads(json.dumps(manifest.to_dict()))
     assert RegistryManifest.from_dict(data) == manifest
-    assert data["format_version"] == 1 and data["created_by"].startswith("moin-hub ")
+    assert data["format_version"] == 2 and data["created_by"].startswith("moin-hub ")
     with pytest.raises(ValueError, match="format_version"):
         RegistryManifest.from_dict({**data, "format_version": 99})
     with pytest.raises(ValueError, match="unknown field"):

@@ -14,7 +14,7 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
 from moin_hub import Registry, errors, init_registry, push_expert
 from moin_hub.hub.client import sha256_file
-from moin_hub.hub.config import EXPERTS_FILENAME, MANIFEST_FILENAME, VERIFIED_EXPERT_FILES
+from moin_hub.hub.config import MANIFEST_FILENAME, VERIFIED_EXPERT_FILES
 from tests.conftest import BASE_REPO, EMBEDDER_REPO
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ def test_init_registry_pins_base_and_embedder(hub, api, registry_id):
     assert registry.manifest.embedder.revision == api.model_info(EMBEDDER_REPO).sha
     assert registry.manifest.embedder.dim == 384  # read from the embedder's config files
     files = set(api.list_repo_files(registry_id, repo_type="dataset"))
-    assert {MANIFEST_FILENAME, EXPERTS_FILENAME, "README.md"} <= files
+    assert {MANIFEST_FILENAME, "data/cell-00000.parquet", "index/ids.parquet", "README.md"} <= files  # format v2
     # exist_ok returns the same registry, without it the second init is refused
     again = init_registry(registry_id, base_model=BASE_REPO, embedder=EMBEDDER_REPO, endpoint=hub.url, exist_ok=True)
     assert again.revision == registry.revision
@@ -147,7 +147,7 @@ def test_registry_loads_with_plain_datasets_and_pandas(hub, registry_id, make_ex
         datasets.config.USE_PARQUET_EXPORT = False
         datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
         ds = load_dataset({registry_id!r}, split="train")
-        df = pd.read_parquet("hf://datasets/{registry_id}/experts.parquet")
+        df = pd.read_parquet("hf://datasets/{registry_id}/data")  # format v2: every shard under data/
         print(json.dumps({{"n": len(ds), "ids": sorted(ds["expert_id"]), "dim": len(ds[0]["centroid"]),
                            "pandas": sorted(df["expert_id"])}}))
     """, hub.url, tmp_path)

@@ -57,7 +57,7 @@ def test_registry_card_table_change_bars_and_plots(hub, two_experts):
     assert "## Plots" in text
     assert f"![Topic map]({hub.url}/datasets/{two_experts.registry_id}/resolve/main/plots/topic_map.png)" in text
     assert f"moin-hub space --registry {two_experts.registry_id}" in text
-    assert DatasetCard(text).data.configs[0]["data_files"][0]["path"] == "experts.parquet"
+    assert DatasetCard(text).data.configs[0]["data_files"][0]["path"] == "data/*.parquet"  # format v2 shards
     plain = str(registry_card(two_experts.manifest, [], registry_id=two_experts.registry_id, endpoint=hub.url))
     assert "## Plots" not in plain and "No experts yet" in plain and "\n\n\n" not in plain
 

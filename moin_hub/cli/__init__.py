@@ -41,6 +41,7 @@ def _register() -> None:
         publish_assets,
         pull,
         push_expert,
+        register,
         registry,
         remove_expert,
         route,
@@ -48,8 +49,8 @@ def _register() -> None:
         space,
     )
 
-    for module in (local_hub, init_registry, push_expert, remove_expert, route, pull, registry, publish_assets,
-                   demo, space, serve):
+    for module in (local_hub, init_registry, push_expert, register, remove_expert, route, pull, registry,
+                   publish_assets, demo, space, serve):
         cli.add_command(module.command)
     for command in pipeline.COMMANDS:
         cli.add_command(command)

@@ -22,7 +22,9 @@ def format_routes(result) -> str:  # noqa: ANN001
     for route in result.routes:
         mark = "->" if route.rank == 0 else "  "
         keywords = ", ".join(route.expert.keywords[:5])
-        lines.append(f"{mark} {route.similarity:6.3f}  {route.expert.expert_id:<20} {route.expert.repo_id}  [{keywords}]")
+        score = "" if route.score is None else f" (z {route.score:+.2f})"
+        lines.append(f"{mark} {route.similarity:6.3f}{score}  {route.expert.expert_id:<20} {route.expert.repo_id}  "
+                     f"[{keywords}]")
     return "\n".join(lines)
 
 
@@ -45,7 +47,9 @@ def format_routes(result) -> str:  # noqa: ANN001
 @click.option("--temperature", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True,
               help="Softmax temperature over the similarities (topk, adaptive).")
 @click.option("--threshold", type=float, default=None,
-              help="Below this best similarity no expert is used (the base model answers).")
+              help="Below this best score no expert is used (the base model answers): the calibrated z-score when "
+                   "the expert's row has similarity statistics, else the cosine. Default: the registry's "
+                   "calibrated default_threshold, if any.")
 @click.option("--revision", default=None, help="Registry revision (default: head of main).")
 @hub_options
 def command(registry: str, query: str, k: int, mode: str, mass: float, temperature: float, threshold: float | None,
@@ -59,7 +63,10 @@ def command(registry: str, query: str, k: int, mode: str, mass: float, temperatu
     from ..hub.mixing import plan_mixture
     from ..hub.router import Router
 
-    result = Router.from_registry(registry, revision=revision, endpoint=endpoint, token=token).route(query, k=k)
+    router = Router.from_registry(registry, revision=revision, endpoint=endpoint, token=token)
+    result = router.route(query, k=k)
+    if threshold is None:
+        threshold = router.registry.manifest.default_threshold
     mixture = plan_mixture(result, mode=mode, k=k, temperature=temperature, mass=mass, threshold=threshold)
 
     def text() -> str:

@@ -101,7 +101,7 @@ def expert_card(record: ExpertRecord, manifest: RegistryManifest, *, registry_id
         if value is not None:
             eval_results.append(EvalResult(
                 task_type="text-generation", task_name="Language modelling", metric_type="perplexity",
-                metric_name=f"Perplexity ({name})", metric_value=round(value, 4), **dataset,
+                metric_name=f"Perplexity ({name})", metric_value=float(value), **dataset,
             ))
     card_data = ModelCardData(
         base_model=manifest.base_model.repo_id,
@@ -111,14 +111,7 @@ def expert_card(record: ExpertRecord, manifest: RegistryManifest, *, registry_id
         tags=["moin", "moin-expert", "lora", "peft", registry_tag(registry_id)],
         model_name=record.repo_id.split("/")[-1],
         eval_results=eval_results or None,
-        moin={
-            "registry": registry_id,
-            "expert_id": record.expert_id,
-            "keywords": list(record.keywords),
-            "base_model_revision": manifest.base_model.revision,
-            "embedder": manifest.embedder.repo_id,
-            "embedder_revision": manifest.embedder.revision,
-        },
+        moin=card_metadata(record, manifest, registry_id=registry_id),
     )
     prompt = example_prompt(samples, list(record.keywords))
     title = record.title or f"MoIN expert `{record.expert_id}`" + (
@@ -155,6 +148,49 @@ def expert_card(record: ExpertRecord, manifest: RegistryManifest, *, registry_id
     return ModelCard(content)
 
 
+#: Row fields the card's ``moin`` metadata carries as they are (the perplexities are in ``model-index``,
+#: the revision is the commit the card is read at).
+CARD_ROW_FIELDS = ("expert_id", "keywords", "n_docs", "n_tokens", "lora_rank", "lora_alpha", "target_modules",
+                   "adapter_bytes", "files", "title", "created_at", "created_by", "sim_mean", "sim_std")
+PERPLEXITY_NAMES = {"Perplexity (expert)": "perplexity", "Perplexity (base model)": "base_perplexity"}
+
+
+def card_metadata(record: ExpertRecord, manifest: RegistryManifest, *, registry_id: str) -> dict[str, Any]:
+    """The ``moin`` block of an expert card: all a registry row needs but the perplexities and the revision.
+
+    The centroid is the full vector (floats that round-trip the stored float32 exactly).
+    """
+    row = record.to_dict()
+    meta: dict[str, Any] = {
+        "registry": registry_id,
+        "base_model_revision": manifest.base_model.revision,
+        "embedder": manifest.embedder.repo_id,
+        "embedder_revision": manifest.embedder.revision,
+        "embedder_dim": manifest.embedder.dim,
+    }
+    for name in CARD_ROW_FIELDS:
+        value = row[name]
+        meta[name] = [dict(v) for v in value] if name == "files" else list(value) if isinstance(value, tuple) else value
+    meta["centroid"] = [float(x) for x in record.centroid]
+    return meta
+
+
+def record_from_card(data: ModelCardData, *, repo_id: str, revision: str) -> ExpertRecord:
+    """The registry row an expert card describes, pinned at ``revision`` (the commit the card was read at).
+
+    Raises:
+        ValueError: the card has no ``moin`` block, or a field is missing or malformed.
+    """
+    meta = getattr(data, "moin", None)
+    if not isinstance(meta, dict) or "centroid" not in meta:
+        raise ValueError(f"the card of {repo_id} has no moin metadata with a centroid (pushed by an older moin-hub?)")
+    fields = {name: meta[name] for name in CARD_ROW_FIELDS if name in meta}
+    for result in data.eval_results or []:
+        if result.metric_name in PERPLEXITY_NAMES:
+            fields[PERPLEXITY_NAMES[result.metric_name]] = float(result.metric_value)
+    return ExpertRecord(**fields, repo_id=repo_id, revision=revision, centroid=tuple(meta["centroid"]))
+
+
 def change_cell(perplexity: float | None, base_perplexity: float | None) -> tuple[str, float | None]:
     """The "Change" cell of the registry table: ``"-20.1% ████"`` (one block per 5% saved) and the number.
 
@@ -176,7 +212,7 @@ def plot_title(path: str) -> str:
 
 
 def registry_card(manifest: RegistryManifest, experts: list[ExpertRecord], *, registry_id: str,
-                  endpoint: str, plots: Sequence[str] = ()) -> DatasetCard:
+                  endpoint: str, plots: Sequence[str] = (), n_experts: int | None = None) -> DatasetCard:
     """Render the dataset card of a registry: what it is, its experts table, plots, how to use it.
 
     Args:
@@ -184,12 +220,15 @@ def registry_card(manifest: RegistryManifest, experts: list[ExpertRecord], *, re
         registry_id / endpoint: for links.
         plots: paths of image files *in the registry repo* (e.g. ``plots/topic_map.png``), shown in a
             "Plots" section through their ``resolve/main`` URLs; none, no section.
+        n_experts: how many experts the registry holds, when ``experts`` shows only some of them (a big
+            v2 registry's card lists its first rows).
     """
+    data_files = EXPERTS_FILENAME if manifest.format_version == 1 else "data/*.parquet"
     card_data = DatasetCardData(
         license="apache-2.0",
         pretty_name=f"MoIN registry {registry_id}",
         tags=["moin", "moin-registry", "lora", "peft"],
-        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": EXPERTS_FILENAME}]}],
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": data_files}]}],
         moin={
             "format_version": manifest.format_version,
             "base_model": manifest.base_model.repo_id,
@@ -230,6 +269,7 @@ def registry_card(manifest: RegistryManifest, experts: list[ExpertRecord], *, re
         distance=manifest.distance,
         format_version=manifest.format_version,
         experts=rows,
+        n_experts=len(experts) if n_experts is None else n_experts,
         plots=[{"title": plot_title(path), "url": f"{endpoint}/datasets/{registry_id}/resolve/main/{path}"}
                for path in plots],
         created_by=f"moin-hub {__version__}",

@@ -25,8 +25,10 @@ from .._validators import (
 )
 from .._version import __version__
 
-#: Version of the registry layout (`moin_registry.json` + `experts.parquet`) this code writes.
-REGISTRY_FORMAT_VERSION = 1
+#: Version of the registry layout this code writes (2: sharded rows under ``data/``, see hub/shards.py).
+REGISTRY_FORMAT_VERSION = 2
+#: Layout versions this code reads (1: one ``experts.parquet``).
+READABLE_FORMAT_VERSIONS = (1, 2)
 REGISTRY_FORMAT_NAME = "moin-registry"
 MANIFEST_FILENAME = "moin_registry.json"
 EXPERTS_FILENAME = "experts.parquet"
@@ -62,6 +64,33 @@ def validate_expert_id(expert_id: str) -> str:
             "starting with a letter or digit."
         )
     return expert_id
+
+
+def validate_similarity_stats(mean: float | None, std: float | None) -> tuple[float | None, float | None]:
+    """Check an expert's similarity statistics: both or neither, finite, ``-1 <= mean <= 1``, ``std > 0``."""
+    if mean is None and std is None:
+        return None, None
+    mean = validate_finite_or_none(mean, field="sim_mean")
+    std = validate_finite_or_none(std, field="sim_std")
+    if mean is None or std is None:
+        raise ValueError("sim_mean and sim_std go together; give both or neither.")
+    if not -1.0 <= mean <= 1.0 or std <= 0:
+        raise ValueError(f"sim_mean={mean!r} must be in [-1, 1] and sim_std={std!r} positive.")
+    return float(mean), float(std)
+
+
+def similarity_stats(vectors: np.ndarray, centroid: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of the cosines of ``vectors`` (rows) to ``centroid``.
+
+    Example:
+        >>> similarity_stats(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([1.0, 1.0]))
+        (0.707107, 1e-06)
+    """
+    rows = np.asarray(vectors, dtype=np.float64)
+    rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    center = np.asarray(centroid, dtype=np.float64)
+    sims = rows @ (center / np.linalg.norm(center))
+    return round(float(sims.mean()), 6), round(max(float(sims.std()), 1e-6), 6)
 
 
 class _Serializable:
@@ -135,8 +164,15 @@ class RegistryManifest(_Serializable):
     created_by: str = field(default=f"moin-hub {__version__}", metadata={"help": "Producer and version."})
     created_at: str = field(default_factory=utc_now, metadata={"help": "ISO-8601 UTC creation time."})
     description: str = field(default="", metadata={"help": "Free text shown on the registry card."})
+    default_threshold: float | None = field(default=None, metadata={
+        "help": "Calibrated routing threshold on the experts' z-scores (set by `moin-hub registry calibrate`)."})
+    calibration: dict | None = field(default=None, metadata={
+        "help": "How default_threshold was chosen: query counts, kept and rejected rates."})
 
     def __post_init__(self) -> None:
+        if self.default_threshold is not None:
+            object.__setattr__(self, "default_threshold",
+                               validate_finite_or_none(self.default_threshold, field="default_threshold"))
         # from_dict hands nested dicts: turn them into their dataclasses.
         if isinstance(self.base_model, dict):
             object.__setattr__(self, "base_model", PinnedModel.from_dict(self.base_model))
@@ -144,10 +180,10 @@ class RegistryManifest(_Serializable):
             object.__setattr__(self, "embedder", EmbedderSpec.from_dict(self.embedder))
         if self.format != REGISTRY_FORMAT_NAME:
             raise ValueError(f"format={self.format!r} is not a moin registry ({REGISTRY_FORMAT_NAME!r}).")
-        if self.format_version != REGISTRY_FORMAT_VERSION:
+        if self.format_version not in READABLE_FORMAT_VERSIONS:
             raise ValueError(
                 f"format_version={self.format_version!r} is not supported by moin-hub {__version__} "
-                f"(reads version {REGISTRY_FORMAT_VERSION}); upgrade moin-hub."
+                f"(reads versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}); upgrade moin-hub."
             )
         if self.distance != "cosine":
             raise ValueError(f"distance={self.distance!r} is not supported; only 'cosine'.")
@@ -172,9 +208,13 @@ class ExpertMetadata(_Serializable):
     samples: list[str] = field(default_factory=list, metadata={"help": "A few sample documents of the topic."})
     title: str = field(default="", metadata={"help": "Optional human title of the topic."})
     created_by: str = field(default=f"moin-hub {__version__}", metadata={"help": "Producer and version."})
+    sim_mean: float | None = field(default=None, metadata={
+        "help": "Mean cosine of the topic's own documents to its centroid (calibrates routing scores)."})
+    sim_std: float | None = field(default=None, metadata={"help": "Standard deviation of those cosines (> 0)."})
 
     def __post_init__(self) -> None:
         validate_expert_id(self.expert_id)
+        self.sim_mean, self.sim_std = validate_similarity_stats(self.sim_mean, self.sim_std)
         if not isinstance(self.keywords, list) or not all(isinstance(k, str) for k in self.keywords):
             raise ValueError(f"keywords must be a list of strings, got {self.keywords!r}.")
         if not isinstance(self.samples, list) or not all(isinstance(s, str) for s in self.samples):
@@ -228,8 +268,14 @@ class ExpertRecord(_Serializable):
     title: str = ""
     created_at: str = field(default_factory=utc_now)
     created_by: str = f"moin-hub {__version__}"
+    sim_mean: float | None = field(default=None, metadata={
+        "help": "Mean cosine of the expert's own documents (or examples) to its centroid."})
+    sim_std: float | None = field(default=None, metadata={"help": "Standard deviation of those cosines."})
 
     def __post_init__(self) -> None:
+        sim_mean, sim_std = validate_similarity_stats(self.sim_mean, self.sim_std)
+        object.__setattr__(self, "sim_mean", sim_mean)
+        object.__setattr__(self, "sim_std", sim_std)
         validate_expert_id(self.expert_id)
         validate_repo_id(self.repo_id, field="repo_id")
         if not is_commit_sha(self.revision):
@@ -244,6 +290,18 @@ class ExpertRecord(_Serializable):
         object.__setattr__(
             self, "base_perplexity", validate_finite_or_none(self.base_perplexity, field="base_perplexity")
         )
+
+    def calibrated(self, similarity: float) -> float | None:
+        """A query's similarity as a z-score against the expert's own documents, or None without statistics.
+
+        Example:
+            >>> r = ExpertRecord("e", "org/e", "a" * 40, (1.0, 0.0), sim_mean=0.6, sim_std=0.1)
+            >>> round(r.calibrated(0.4), 6)
+            -2.0
+        """
+        if self.sim_mean is None or self.sim_std is None:
+            return None
+        return (similarity - self.sim_mean) / self.sim_std
 
     @property
     def digests(self) -> dict[str, str]:

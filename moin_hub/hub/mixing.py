@@ -94,7 +94,17 @@ class Mixture:
 
 def plan_mixture(route: Any, *, mode: str = "top1", k: int = 3, temperature: float = 0.05, mass: float = 0.8,
                  threshold: float | None = None) -> Mixture:
-    """The :class:`Mixture` of a :class:`~moin_hub.hub.router.RouteResult` (experts with weight 0 left out)."""
+    """The :class:`Mixture` of a :class:`~moin_hub.hub.router.RouteResult` (experts with weight 0 left out).
+
+    ``threshold`` applies to the best route's calibrated score (:attr:`~moin_hub.hub.router.Route.score`)
+    when its row has similarity statistics, else to its raw similarity.
+    """
+    best = route.routes[0] if route.routes else None
+    score = getattr(best, "score", None)
+    if threshold is not None and score is not None:
+        if score < threshold:
+            return Mixture((), (), mode)
+        threshold = None
     weights = mix_weights([r.similarity for r in route.routes], mode=mode, k=k, temperature=temperature,
                           mass=mass, threshold=threshold)
     kept = [(r.expert.expert_id, w) for r, w in zip(route.routes, weights, strict=False) if w > 0]

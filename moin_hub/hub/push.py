@@ -140,7 +140,7 @@ def push_expert(expert_dir: str | Path, *, registry: str, repo_id: str, expert_i
         keywords=tuple(meta.keywords), n_docs=meta.n_docs, n_tokens=meta.n_tokens, perplexity=meta.perplexity,
         base_perplexity=meta.base_perplexity, lora_rank=folder.lora.rank, lora_alpha=folder.lora.alpha,
         target_modules=folder.lora.target_modules, adapter_bytes=folder.adapter_bytes, files=tuple(files),
-        title=meta.title,
+        title=meta.title, sim_mean=meta.sim_mean, sim_std=meta.sim_std,
     )
     card = _card_text(draft, folder, reg).encode()
     api = get_api(endpoint, token)

@@ -1,11 +1,14 @@
-"""The registry: a Hub dataset repo that indexes experts (format v1).
+"""The registry: a Hub dataset repo that indexes experts (format v2, sharded; v1 is still read).
 
-Layout of the repo::
+Layout of a v1 repo::
 
     moin_registry.json   RegistryManifest: base model + embedder pinned to commits, distance, version
     experts.parquet      one ExpertRecord per row (see EXPERTS_SCHEMA)
     README.md            dataset card with the experts table (``configs:`` points at experts.parquet,
                          so ``datasets.load_dataset(registry_id)`` reads the rows)
+
+A v2 repo keeps the same rows in shards under ``data/`` (:mod:`moin_hub.hub.shards`), so that a push
+writes one small shard whatever the registry's size; ``moin-hub registry migrate`` upgrades a v1 repo.
 
 Every write is one commit made with ``parent_commit`` = the head it was computed from; when someone
 else committed in between, the Hub answers 412 and the update is recomputed on the new head. No write
@@ -14,7 +17,6 @@ is lost, however many people push at once.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import threading
@@ -25,11 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from huggingface_hub import CommitOperationAdd, HfApi
 
-from .._validators import validate_repo_id, validate_vector
+from .._validators import validate_repo_id
 from ..errors import (
     ExpertNotFoundError,
     HubUnavailableError,
@@ -38,7 +38,7 @@ from ..errors import (
     RegistryConflictError,
     RegistryNotFoundError,
 )
-from . import cards
+from . import cards, shards
 from .client import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -55,6 +55,7 @@ from .config import (
     MANIFEST_FILENAME,
     PLOT_SUFFIXES,
     PLOTS_DIR,
+    REGISTRY_FORMAT_VERSION,
     EmbedderSpec,
     ExpertRecord,
     FileDigest,
@@ -62,75 +63,14 @@ from .config import (
     RegistryManifest,
 )
 from .retry import backoff, default_attempts, is_transient, retry_transient
+from .rows import EXPERTS_SCHEMA, experts_from_parquet, experts_table, experts_to_parquet
+
+__all__ = ["EXPERTS_SCHEMA", "Registry", "experts_from_parquet", "experts_to_parquet", "init_registry",
+           "remove_expert_rows", "update_registry", "upsert_expert"]
 
 logger = logging.getLogger(__name__)
 
-#: Arrow schema of experts.parquet, format v1.
-EXPERTS_SCHEMA = pa.schema([
-    pa.field("expert_id", pa.string(), nullable=False),
-    pa.field("repo_id", pa.string(), nullable=False),
-    pa.field("revision", pa.string(), nullable=False),
-    pa.field("centroid", pa.list_(pa.float32()), nullable=False),
-    pa.field("keywords", pa.list_(pa.string())),
-    pa.field("n_docs", pa.int64()),
-    pa.field("n_tokens", pa.int64()),
-    pa.field("perplexity", pa.float64()),
-    pa.field("base_perplexity", pa.float64()),
-    pa.field("lora_rank", pa.int32()),
-    pa.field("lora_alpha", pa.float64()),
-    pa.field("target_modules", pa.list_(pa.string())),
-    pa.field("adapter_bytes", pa.int64()),
-    pa.field("files", pa.list_(pa.struct([
-        pa.field("path", pa.string()), pa.field("sha256", pa.string()), pa.field("size", pa.int64()),
-    ]))),
-    pa.field("title", pa.string()),
-    pa.field("created_at", pa.string()),
-    pa.field("created_by", pa.string()),
-])
-
 DEFAULT_MAX_RETRIES = 30
-
-
-def experts_to_parquet(records: list[ExpertRecord]) -> bytes:
-    """Serialise registry rows to parquet bytes with :data:`EXPERTS_SCHEMA`."""
-    rows = [record.to_dict() for record in records]
-    table = pa.Table.from_pylist(rows, schema=EXPERTS_SCHEMA)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    return buffer.getvalue()
-
-
-def experts_from_parquet(data: bytes | str | Path, *, registry_id: str, dim: int) -> list[ExpertRecord]:
-    """Parse and check ``experts.parquet``: every row a valid record, centroids of dimension ``dim``.
-
-    Raises:
-        InvalidRegistryError: naming the row and the problem (missing column, bad value, duplicate id).
-    """
-    try:
-        source = pa.BufferReader(data) if isinstance(data, bytes) else str(data)
-        table = pq.read_table(source)
-    except (pa.ArrowException, OSError) as err:
-        raise InvalidRegistryError(registry_id, f"{EXPERTS_FILENAME} is not readable parquet: {err}") from None
-    missing = [name for name in ("expert_id", "repo_id", "revision", "centroid") if name not in table.column_names]
-    if missing:
-        raise InvalidRegistryError(registry_id, f"{EXPERTS_FILENAME} lacks column(s) {missing}")
-    known = set(EXPERTS_SCHEMA.names)
-    records: list[ExpertRecord] = []
-    seen_ids: set[str] = set()
-    seen_repos: set[str] = set()
-    for index, row in enumerate(table.to_pylist()):
-        fields = {key: value for key, value in row.items() if key in known and value is not None}
-        try:
-            record = ExpertRecord.from_dict(fields)
-            validate_vector(record.centroid, dim=dim, field=f"centroid of {record.expert_id!r}")
-        except (ValueError, TypeError) as err:
-            raise InvalidRegistryError(registry_id, f"row {index}: {err}") from None
-        if record.expert_id in seen_ids or record.repo_id in seen_repos:
-            raise InvalidRegistryError(registry_id, f"row {index}: duplicate expert {record.expert_id!r}")
-        seen_ids.add(record.expert_id)
-        seen_repos.add(record.repo_id)
-        records.append(record)
-    return records
 
 
 @dataclass(frozen=True)
@@ -140,15 +80,21 @@ class _Snapshot:
 
 
 _SNAPSHOTS: dict[tuple[str, str, str], _Snapshot] = {}
+_MANIFESTS: dict[tuple[str, str, str], RegistryManifest] = {}
 _SNAPSHOTS_LOCK = threading.Lock()
 
 
-def _read_snapshot(registry_id: str, sha: str, *, endpoint: str, token: str | bool | None) -> _Snapshot:
-    """Manifest and rows of a registry at commit ``sha`` (cached per commit: commits are immutable)."""
+def read_manifest(registry_id: str, sha: str, *, endpoint: str, token: str | bool | None) -> RegistryManifest:
+    """The manifest of a registry at commit ``sha`` (cached per commit).
+
+    Raises:
+        RegistryNotFoundError: the repo has no manifest.
+        InvalidRegistryError: the manifest is malformed.
+    """
     key = (endpoint, registry_id, sha)
     with _SNAPSHOTS_LOCK:
-        if key in _SNAPSHOTS:
-            return _SNAPSHOTS[key]
+        if key in _MANIFESTS:
+            return _MANIFESTS[key]
     try:
         manifest_path = download_file(registry_id, MANIFEST_FILENAME, revision=sha, repo_type="dataset",
                                       endpoint=endpoint, token=token)
@@ -159,12 +105,36 @@ def _read_snapshot(registry_id: str, sha: str, *, endpoint: str, token: str | bo
         manifest = RegistryManifest.from_dict(json.loads(Path(manifest_path).read_text(encoding="utf-8")))
     except (ValueError, UnicodeDecodeError) as err:
         raise InvalidRegistryError(registry_id, f"{MANIFEST_FILENAME}: {err}") from None
-    try:
-        parquet_path = download_file(registry_id, EXPERTS_FILENAME, revision=sha, repo_type="dataset",
-                                     endpoint=endpoint, token=token)
-    except EntryNotFoundError:
-        raise InvalidRegistryError(registry_id, f"{EXPERTS_FILENAME} is missing") from None
-    experts = experts_from_parquet(parquet_path, registry_id=registry_id, dim=manifest.embedder.dim)
+    with _SNAPSHOTS_LOCK:
+        _MANIFESTS[key] = manifest
+    return manifest
+
+
+def shard_reader(registry_id: str, sha: str, manifest: RegistryManifest, *, endpoint: str,
+                 token: str | bool | None) -> shards.ShardReader:
+    """A reader of the shards of a v2 registry at commit ``sha``."""
+    files = shards.list_files(get_api(endpoint, token), registry_id, sha)
+    return shards.ShardReader(registry_id, sha, shards.Layout.from_files(files), manifest, endpoint=endpoint,
+                              token=token)
+
+
+def _read_snapshot(registry_id: str, sha: str, *, endpoint: str, token: str | bool | None) -> _Snapshot:
+    """Manifest and rows of a registry at commit ``sha`` (cached per commit: commits are immutable)."""
+    key = (endpoint, registry_id, sha)
+    with _SNAPSHOTS_LOCK:
+        if key in _SNAPSHOTS:
+            return _SNAPSHOTS[key]
+    manifest = read_manifest(registry_id, sha, endpoint=endpoint, token=token)
+    if manifest.format_version == 1:
+        try:
+            parquet_path = download_file(registry_id, EXPERTS_FILENAME, revision=sha, repo_type="dataset",
+                                         endpoint=endpoint, token=token)
+        except EntryNotFoundError:
+            raise InvalidRegistryError(registry_id, f"{EXPERTS_FILENAME} is missing") from None
+        experts = experts_from_parquet(parquet_path, registry_id=registry_id, dim=manifest.embedder.dim)
+    else:
+        reader = shard_reader(registry_id, sha, manifest, endpoint=endpoint, token=token)
+        experts = sorted((record for record, _ in reader.all_rows()), key=lambda r: r.expert_id)
     snapshot = _Snapshot(manifest, tuple(experts))
     with _SNAPSHOTS_LOCK:
         _SNAPSHOTS[key] = snapshot
@@ -193,20 +163,40 @@ class Registry:
     """
 
     def __init__(self, registry_id: str, revision: str, manifest: RegistryManifest,
-                 experts: list[ExpertRecord] | tuple[ExpertRecord, ...], *, endpoint: str | None = None,
-                 token: str | bool | None = None):
+                 experts: list[ExpertRecord] | tuple[ExpertRecord, ...] | None, *, endpoint: str | None = None,
+                 token: str | bool | None = None, size: int | None = None):
         self.registry_id = registry_id
         self.revision = revision
         self.manifest = manifest
-        self.experts = tuple(experts)
         self.endpoint = resolve_endpoint(endpoint)
         self.token = token
-        self._by_id = {record.expert_id: record for record in self.experts}
-        self._by_repo = {record.repo_id: record for record in self.experts}
+        self._experts = None if experts is None else tuple(experts)
+        self._size = size
+        self._by_id: dict[str, ExpertRecord] | None = None
+        self._by_repo: dict[str, ExpertRecord] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def experts(self) -> tuple[ExpertRecord, ...]:
+        """Every row, sorted by expert id (a registry loaded with ``lazy=True`` reads them on first use)."""
+        if self._experts is None:
+            with self._lock:
+                if self._experts is None:
+                    snapshot = retry_transient(
+                        lambda: _read_snapshot(self.registry_id, self.revision, endpoint=self.endpoint,
+                                               token=self.token),
+                        what=f"reading registry {self.registry_id}@{self.revision[:12]}")
+                    self._experts = snapshot.experts
+        return self._experts
+
+    @property
+    def loaded(self) -> bool:
+        """True when the rows are in memory (always, unless loaded with ``lazy=True`` and not used yet)."""
+        return self._experts is not None
 
     @classmethod
     def load(cls, registry_id: str, *, revision: str | None = None, endpoint: str | None = None,
-             token: str | bool | None = None) -> Registry:
+             token: str | bool | None = None, lazy: bool = False) -> Registry:
         """Load a registry at ``revision`` (default: the head of main).
 
         Args:
@@ -214,6 +204,8 @@ class Registry:
             revision: a branch, tag or commit sha; it is resolved to a commit sha first.
             endpoint: Hub endpoint (default ``$HF_ENDPOINT`` or huggingface.co).
             token: Hub token (default: the client's own lookup).
+            lazy: read the manifest (and, for v2, the row count) now and the rows on first use; a
+                :class:`~moin_hub.Router` over a big v2 registry then never reads them all.
 
         Returns:
             The registry pinned to the resolved commit. Files are cached per commit.
@@ -226,11 +218,22 @@ class Registry:
         endpoint = resolve_endpoint(endpoint)
         sha = retry_transient(lambda: _head_sha(get_api(endpoint, token), registry_id, revision),
                               what=f"reading registry {registry_id}")
+        if lazy:
+            manifest = retry_transient(lambda: read_manifest(registry_id, sha, endpoint=endpoint, token=token),
+                                       what=f"reading registry {registry_id}@{sha[:12]}")
+            size = None
+            if manifest.format_version >= 2:
+                size = retry_transient(
+                    lambda: shard_reader(registry_id, sha, manifest, endpoint=endpoint, token=token).count(),
+                    what=f"reading registry {registry_id}@{sha[:12]}")
+            return cls(registry_id, sha, manifest, None, endpoint=endpoint, token=token, size=size)
         snapshot = retry_transient(lambda: _read_snapshot(registry_id, sha, endpoint=endpoint, token=token),
                                    what=f"reading registry {registry_id}@{sha[:12]}")
         return cls(registry_id, sha, snapshot.manifest, snapshot.experts, endpoint=endpoint, token=token)
 
     def __len__(self) -> int:
+        if self._experts is None and self._size is not None:
+            return self._size
         return len(self.experts)
 
     def __iter__(self) -> Iterator[ExpertRecord]:
@@ -250,6 +253,9 @@ class Registry:
         Raises:
             ExpertNotFoundError: no such expert in this registry.
         """
+        if self._by_id is None or self._by_repo is None:
+            self._by_id = {record.expert_id: record for record in self.experts}
+            self._by_repo = {record.repo_id: record for record in self.experts}
         record = self._by_id.get(expert) or self._by_repo.get(expert)
         if record is None:
             raise ExpertNotFoundError(expert, registry_id=self.registry_id)
@@ -300,7 +306,8 @@ def embedder_dimension(repo_id: str, revision: str, *, endpoint: str, token: str
 def init_registry(registry_id: str, *, base_model: str, embedder: str, base_revision: str | None = None,
                   embedder_revision: str | None = None, embedder_dim: int | None = None,
                   description: str = "", private: bool = False, exist_ok: bool = False,
-                  endpoint: str | None = None, token: str | bool | None = None) -> Registry:
+                  endpoint: str | None = None, token: str | bool | None = None,
+                  format_version: int = REGISTRY_FORMAT_VERSION) -> Registry:
     """Create a registry dataset repo with its manifest, an empty experts table and its card.
 
     Args:
@@ -313,6 +320,7 @@ def init_registry(registry_id: str, *, base_model: str, embedder: str, base_revi
         private: create a private dataset repo.
         exist_ok: return the existing registry if it has the same base model and embedder.
         endpoint / token: Hub settings.
+        format_version: 2 (sharded, the default) or 1 (one ``experts.parquet``, for older readers).
 
     Returns:
         The new (or existing) :class:`Registry`.
@@ -332,7 +340,7 @@ def init_registry(registry_id: str, *, base_model: str, embedder: str, base_revi
     emb = resolve_pinned(api, embedder, embedder_revision, what="embedder")
     dim = embedder_dim or embedder_dimension(emb.repo_id, emb.revision, endpoint=endpoint, token=token)
     manifest = RegistryManifest(base_model=base, embedder=EmbedderSpec(emb.repo_id, emb.revision, dim=dim),
-                                description=description)
+                                description=description, format_version=format_version)
     try:
         existing = Registry.load(registry_id, endpoint=endpoint, token=token)
     except RegistryNotFoundError:
@@ -348,12 +356,14 @@ def init_registry(registry_id: str, *, base_model: str, embedder: str, base_revi
         )
     api.create_repo(registry_id, repo_type="dataset", private=private, exist_ok=True)
     head = api.dataset_info(registry_id).sha
-    card = cards.registry_card(manifest, [], registry_id=registry_id, endpoint=endpoint)
-    operations = [
-        CommitOperationAdd(MANIFEST_FILENAME, json.dumps(manifest.to_dict(), indent=2).encode() + b"\n"),
-        CommitOperationAdd(EXPERTS_FILENAME, experts_to_parquet([])),
-        CommitOperationAdd("README.md", str(card).encode()),
-    ]
+    operations = [manifest_operation(manifest)]
+    if format_version == 1:
+        card = cards.registry_card(manifest, [], registry_id=registry_id, endpoint=endpoint)
+        operations += [CommitOperationAdd(EXPERTS_FILENAME, experts_to_parquet([])),
+                       CommitOperationAdd("README.md", str(card).encode())]
+    else:
+        operations += shards.compact_operations(EXPERTS_SCHEMA.empty_table(), manifest, registry_id=registry_id,
+                                                endpoint=endpoint)
     try:
         info = api.create_commit(registry_id, operations, repo_type="dataset", parent_commit=head,
                                  commit_message="Initialise moin registry")
@@ -365,21 +375,111 @@ def init_registry(registry_id: str, *, base_model: str, embedder: str, base_revi
     return Registry(registry_id, info.oid, manifest, [], endpoint=endpoint, token=token)
 
 
+def manifest_operation(manifest: RegistryManifest) -> CommitOperationAdd:
+    """``moin_registry.json`` as a commit operation."""
+    return CommitOperationAdd(MANIFEST_FILENAME, json.dumps(manifest.to_dict(), indent=2).encode() + b"\n")
+
+
+#: ``mutate(manifest, rows) -> new rows``. A mutation with a ``keys`` attribute (expert ids and repo ids)
+#: reads only the rows of those keys, so a v2 registry hands it just those (see :func:`update_registry`).
 Mutation = Callable[[RegistryManifest, list[ExpertRecord]], list[ExpertRecord]]
-
-
-def _head_and_snapshot(api: HfApi, registry_id: str, endpoint: str,
-                       token: str | bool | None) -> tuple[str, Any, list[str]]:
-    """The head commit, its snapshot, and the plot images in the repo at that commit (kept in the card)."""
-    head = _head_sha(api, registry_id)
-    snapshot = _read_snapshot(registry_id, head, endpoint=endpoint, token=token)
-    plots = [f for f in api.list_repo_files(registry_id, repo_type="dataset", revision=head) if is_plot_path(f)]
-    return head, snapshot, plots
 
 
 def is_plot_path(path: str) -> bool:
     """True for an image under ``plots/`` of a registry repo (shown in its card)."""
     return path.startswith(f"{PLOTS_DIR}/") and path.lower().endswith(PLOT_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """One registry write computed on a head commit: its operations, and the registry after it."""
+
+    head: str
+    manifest: RegistryManifest
+    operations: list[Any]  # empty: nothing to commit
+    rows: list[ExpertRecord] | None  # every row after the write, when they were all read
+    size: int
+
+
+def _by_id(rows: list[ExpertRecord]) -> dict[str, ExpertRecord]:
+    return {row.expert_id: row for row in rows}
+
+
+def _plan_update(api: HfApi, registry_id: str, mutate: Mutation, *, endpoint: str, token: str | bool | None,
+                 extra_files: Mapping[str, str | Path] | None) -> WritePlan:
+    head = _head_sha(api, registry_id)
+    manifest = read_manifest(registry_id, head, endpoint=endpoint, token=token)
+    files = shards.list_files(api, registry_id, head)
+    extra = [CommitOperationAdd(path, str(local)) for path, local in (extra_files or {}).items()]
+    plots = sorted({*(f for f in files if is_plot_path(f)), *(p for p in extra_files or {} if is_plot_path(p))})
+    if manifest.format_version == 1:
+        before = list(_read_snapshot(registry_id, head, endpoint=endpoint, token=token).experts)
+        rows = mutate(manifest, list(before))
+        if rows == before and not extra_files:  # nothing to change (e.g. a retried update)
+            return WritePlan(head, manifest, [], rows, len(rows))
+        card = cards.registry_card(manifest, rows, registry_id=registry_id, endpoint=endpoint, plots=plots)
+        operations = [*extra, CommitOperationAdd(EXPERTS_FILENAME, experts_to_parquet(rows)),
+                      CommitOperationAdd("README.md", str(card).encode())]
+        return WritePlan(head, manifest, operations, rows, len(rows))
+    reader = shards.ShardReader(registry_id, head, shards.Layout.from_files(files), manifest, endpoint=endpoint,
+                                token=token)
+    count = reader.count()
+    keys = getattr(mutate, "keys", None)
+    full = keys is None or bool(extra_files) or count <= shards.SMALL_REGISTRY_ROWS
+    old = reader.all_rows() if full else reader.lookup(keys)
+    before = [record for record, _ in old]
+    rows = mutate(manifest, list(before))
+    if _by_id(rows) == _by_id(before) and not extra_files:
+        return WritePlan(head, manifest, [], sorted(rows, key=lambda r: r.expert_id) if full else None, count)
+    size = count - len(before) + len(rows)
+    rows = sorted(rows, key=lambda r: r.expert_id)
+    if full and size <= shards.SMALL_REGISTRY_ROWS:  # small: one shard and the card's table, rewritten whole
+        operations = shards.compact_operations(experts_table(rows), manifest, registry_id=registry_id,
+                                               endpoint=endpoint, old_files=files, plots=plots)
+    else:
+        operations = shards.delta_operations(reader, old, rows)
+        if full:
+            operations.append(shards.card_operation(manifest, rows[:shards.CARD_TABLE_ROWS], n_experts=size,
+                                                    registry_id=registry_id, endpoint=endpoint, plots=plots))
+    return WritePlan(head, manifest, [*extra, *operations], rows if full else None, size)
+
+
+def commit_plan(api: HfApi, registry_id: str, plan: Callable[[], WritePlan], *, commit_message: str,
+                max_retries: int = DEFAULT_MAX_RETRIES,
+                sleep: Callable[[float], None] = time.sleep) -> tuple[WritePlan, str]:
+    """Compute ``plan()`` on the head and commit it with ``parent_commit`` = that head; on 412 start over.
+
+    Returns:
+        The plan that landed and the new commit sha (the head itself when the plan had no operations).
+
+    Raises:
+        RegistryConflictError: the head moved on every one of ``max_retries`` attempts.
+        HubUnavailableError: the commit kept failing transiently.
+    """
+    transient = 0
+    for attempt in range(max_retries):
+        planned = retry_transient(plan, what=f"reading registry {registry_id}")
+        if not planned.operations:
+            return planned, planned.head
+        try:
+            # no retry inside: after a transient failure the head may have moved (even by this very
+            # commit, if only its answer was lost), so the whole read-modify-write starts over
+            info = api.create_commit(registry_id, planned.operations, repo_type="dataset",
+                                     parent_commit=planned.head, commit_message=commit_message)
+        except Exception as err:
+            if http_status(err) != 412 and not is_transient(err):
+                raise
+            if is_transient(err):
+                transient += 1
+                if transient >= default_attempts():
+                    raise HubUnavailableError(f"the commit to registry {registry_id}", transient, err) from err
+            delay = backoff(min(attempt, 5), base=0.05, cap=2.0)
+            logger.info("registry %s: commit not confirmed (%s, attempt %d); retrying in %.2fs",
+                        registry_id, type(err).__name__, attempt + 1, delay)
+            sleep(delay)
+            continue
+        return planned, info.oid
+    raise RegistryConflictError(registry_id, max_retries)
 
 
 def update_registry(registry_id: str, mutate: Mutation, *, commit_message: str, endpoint: str | None = None,
@@ -394,8 +494,12 @@ def update_registry(registry_id: str, mutate: Mutation, *, commit_message: str, 
     added in the same commit; the plot images among them and those already in the repo are shown in the
     re-rendered card. Without extra files, rows that do not change make no commit.
 
+    On a v2 registry bigger than :data:`~moin_hub.hub.shards.SMALL_REGISTRY_ROWS`, a mutation with a
+    ``keys`` attribute (as :func:`upsert_expert` and :func:`remove_expert_rows` have) gets only the rows of
+    those keys, and the commit writes only the shards they change: the cost does not grow with the registry.
+
     Returns:
-        The registry at the new commit.
+        The registry at the new commit (rows read on first use when they were not all read here).
 
     Raises:
         RegistryConflictError: the head moved on every one of ``max_retries`` attempts.
@@ -403,42 +507,15 @@ def update_registry(registry_id: str, mutate: Mutation, *, commit_message: str, 
     """
     endpoint = resolve_endpoint(endpoint)
     api = get_api(endpoint, token)
-    transient = 0
-    for attempt in range(max_retries):
-        head, snapshot, plots = retry_transient(lambda: _head_and_snapshot(api, registry_id, endpoint, token),
-                                                what=f"reading registry {registry_id}")
-        rows = mutate(snapshot.manifest, list(snapshot.experts))
-        if rows == list(snapshot.experts) and not extra_files:  # nothing to change (e.g. a retried update)
-            return Registry(registry_id, head, snapshot.manifest, rows, endpoint=endpoint, token=token)
-        plots = sorted({*plots, *(path for path in extra_files or {} if is_plot_path(path))})
-        card = cards.registry_card(snapshot.manifest, rows, registry_id=registry_id, endpoint=endpoint,
-                                    plots=plots)
-        operations = [CommitOperationAdd(path, str(local)) for path, local in (extra_files or {}).items()]
-        operations += [
-            CommitOperationAdd(EXPERTS_FILENAME, experts_to_parquet(rows)),
-            CommitOperationAdd("README.md", str(card).encode()),
-        ]
-        try:
-            # no retry inside: after a transient failure the head may have moved (even by this very
-            # commit, if only its answer was lost), so the whole read-modify-write starts over
-            info = api.create_commit(registry_id, operations, repo_type="dataset", parent_commit=head,
-                                     commit_message=commit_message)
-        except Exception as err:
-            if http_status(err) != 412 and not is_transient(err):
-                raise
-            if is_transient(err):
-                transient += 1
-                if transient >= default_attempts():
-                    raise HubUnavailableError(f"the commit to registry {registry_id}", transient, err) from err
-            delay = backoff(min(attempt, 5), base=0.05, cap=2.0)
-            logger.info("registry %s: commit not confirmed (%s, attempt %d); retrying in %.2fs",
-                        registry_id, type(err).__name__, attempt + 1, delay)
-            sleep(delay)
-            continue
+    planned, sha = commit_plan(
+        api, registry_id,
+        lambda: _plan_update(api, registry_id, mutate, endpoint=endpoint, token=token, extra_files=extra_files),
+        commit_message=commit_message, max_retries=max_retries, sleep=sleep)
+    if planned.rows is not None:
         with _SNAPSHOTS_LOCK:
-            _SNAPSHOTS[(endpoint, registry_id, info.oid)] = _Snapshot(snapshot.manifest, tuple(rows))
-        return Registry(registry_id, info.oid, snapshot.manifest, rows, endpoint=endpoint, token=token)
-    raise RegistryConflictError(registry_id, max_retries)
+            _SNAPSHOTS[(endpoint, registry_id, sha)] = _Snapshot(planned.manifest, tuple(planned.rows))
+    return Registry(registry_id, sha, planned.manifest, planned.rows, endpoint=endpoint, token=token,
+                    size=planned.size)
 
 
 def upsert_expert(record: ExpertRecord) -> Mutation:
@@ -463,6 +540,7 @@ def upsert_expert(record: ExpertRecord) -> Mutation:
         kept = [row for row in rows if row.expert_id != record.expert_id]
         return sorted([*kept, record], key=lambda r: r.expert_id)
 
+    mutate.keys = (record.expert_id, record.repo_id)  # type: ignore[attr-defined]
     return mutate
 
 
@@ -479,6 +557,7 @@ def remove_expert_rows(expert: str, *, missing_ok: bool = False) -> Mutation:
             raise ExpertNotFoundError(expert)
         return kept
 
+    mutate.keys = (expert,)  # type: ignore[attr-defined]
     return mutate
 
 

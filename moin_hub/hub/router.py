@@ -35,13 +35,21 @@ class Route:
     similarity: float
     rank: int
 
+    @property
+    def score(self) -> float | None:
+        """The calibrated score: the similarity as a z-score against the expert's own documents
+        (``(similarity - sim_mean) / sim_std``), or None when its row has no statistics."""
+        return self.expert.calibrated(self.similarity)
+
     def to_dict(self) -> dict[str, object]:
+        score = self.score
         return {
             "rank": self.rank,
             "expert_id": self.expert.expert_id,
             "repo_id": self.expert.repo_id,
             "revision": self.expert.revision,
             "similarity": round(self.similarity, 6),
+            "score": None if score is None else round(score, 6),
             "keywords": list(self.expert.keywords),
         }
 
@@ -322,7 +330,12 @@ class Router:
         embedder: the query embedder; loaded from the registry's pinned embedder when omitted.
         index: ``"auto"`` (exact below ``index_threshold`` experts, approximate IVF from it on), ``"flat"``
             (always exact) or ``"ivf"`` (always approximate). Built once per registry commit and cached.
+            Under ``"auto"``, a compacted v2 registry of at least ``index_threshold`` experts loaded with
+            ``lazy=True`` (as :meth:`from_registry` does) is searched through its cells instead
+            (:class:`~moin_hub.hub.partial.PartialIndex`): only the coarse file and the probed cells are
+            downloaded.
         index_threshold: the ``"auto"`` switch-over size.
+        nprobe: cells searched per query by the partial index (default: the one calibrated at compaction).
 
     Raises:
         ValueError: an unknown ``index`` kind or a non-positive ``index_threshold``.
@@ -334,25 +347,29 @@ class Router:
     """
 
     def __init__(self, registry: Registry, embedder: Embedder | None = None, *, index: str = "auto",
-                 index_threshold: int = DEFAULT_APPROX_THRESHOLD):
+                 index_threshold: int = DEFAULT_APPROX_THRESHOLD, nprobe: int | None = None):
+        from .partial import PartialIndex
+
         self.registry = registry
         self._embedder = embedder
         resolve_index_kind(index, len(registry), threshold=index_threshold)  # fail early on a bad kind
+        self._partial = (PartialIndex.open(registry, nprobe=nprobe)
+                         if index == "auto" and not registry.loaded and len(registry) >= index_threshold else None)
         self._index = (registry_index(registry, kind=index, threshold=index_threshold)
-                       if len(registry) else None)
+                       if self._partial is None and len(registry) else None)
 
     @classmethod
     def from_registry(cls, registry_id: str, *, revision: str | None = None, endpoint: str | None = None,
                       token: str | bool | None = None, index: str = "auto",
-                      index_threshold: int = DEFAULT_APPROX_THRESHOLD) -> Router:
-        """Load a registry and build its router (see :class:`Router` for ``index`` and ``index_threshold``)."""
-        return cls(Registry.load(registry_id, revision=revision, endpoint=endpoint, token=token), index=index,
-                   index_threshold=index_threshold)
+                      index_threshold: int = DEFAULT_APPROX_THRESHOLD, nprobe: int | None = None) -> Router:
+        """Load a registry (lazily) and build its router (see :class:`Router` for the other arguments)."""
+        return cls(Registry.load(registry_id, revision=revision, endpoint=endpoint, token=token, lazy=True),
+                   index=index, index_threshold=index_threshold, nprobe=nprobe)
 
     @property
-    def index(self) -> ExpertIndex | None:
-        """The registry's search index (``None`` for an empty registry)."""
-        return self._index
+    def index(self) -> Any:
+        """The search index: an :class:`ExpertIndex`, a partial (cells) index, or ``None`` when empty."""
+        return self._partial if self._partial is not None else self._index
 
     @property
     def embedder(self) -> Embedder:
@@ -392,12 +409,15 @@ class Router:
         query = validate_vector(vector, dim=self.registry.manifest.embedder.dim, field="query vector")
         query = query / np.linalg.norm(query)
         start = time.perf_counter()
-        hits = self._index.search(query, k)
+        if self._partial is not None:
+            found = self._partial.search(query, k)
+        else:
+            found = [(self.registry.experts[row], sim) for row, sim in self._index.search(query, k)]
         search_ms = (time.perf_counter() - start) * 1000
-        routes = tuple(Route(self.registry.experts[row], sim, rank) for rank, (row, sim) in enumerate(hits))
+        routes = tuple(Route(record, sim, rank) for rank, (record, sim) in enumerate(found))
         return RouteResult("", routes, 0.0, search_ms, self.registry.revision)
 
     def _require_experts(self) -> None:
-        if self._index is None:
+        if self._index is None and self._partial is None:
             raise ExpertNotFoundError("any expert", registry_id=self.registry.registry_id,
                                       reason="the registry is empty; push an expert first")
