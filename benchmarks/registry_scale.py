@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import numpy as np  # noqa: E402
+from _common import exit_code, met  # noqa: E402
 
 DIM = 384
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,10 +220,10 @@ def main() -> int:
     ]
     print()
     for name, ok, detail in targets:
-        print(f"{'met' if ok else 'NOT met':>8}  {name}: {detail}")
+        print(f"{met(ok):>8}  {name}: {detail}")
     if args.json:
         args.json.write_text(json.dumps({"results": results, "targets": [t[:2] for t in targets]}, indent=2))
-    return 0 if all(ok for _, ok, _ in targets) else 1
+    return exit_code(ok for _, ok, _ in targets)
 
 
 if __name__ == "__main__":
