@@ -7,7 +7,10 @@ Owns:
 - ``config``: the records and file names of the formats (registry manifest, expert rows, expert metadata);
   ``expert``: the expert folder (what training writes and ``push`` takes); ``cards``: model and dataset
   cards from the templates in ``cards/``;
-- ``registry`` (the registry dataset, conflict-safe updates), ``registry_plots`` (plots in its card),
+- ``registry`` (the registry dataset, conflict-safe updates), ``rows`` (its rows as parquet), ``shards``
+  (format v2: sharded rows, one delta shard per push), ``compaction`` (compact / migrate), ``cells`` and
+  ``partial`` (k-means cells and the cold route that fetches only the probed ones), ``rebuild`` (rows from
+  the expert cards), ``calibration`` (the default routing threshold), ``registry_plots`` (plots in its card),
   ``push`` (an expert as its own repo, then its row), ``pull`` (download at the pinned commit, verified),
   ``loading`` (base model and PEFT adapters, loaded safely), ``embed`` (the pinned embedder),
   ``router`` (query -> nearest centroids, faiss index) and ``mixing`` (routing modes: how much of each
