@@ -113,10 +113,14 @@ def test_cluster_train_evaluate_push_route(hub, tmp_path):
     files = HfApi(endpoint=hub.url).list_repo_files(registry_id, repo_type="dataset")
     assert {"plots/perplexity_per_expert.png", "plots/topic_map.png"} <= set(files)  # the card shows the plots
 
+    # trained experts carry their topic's similarity statistics, so routes report a calibrated score
+    assert all(row.sim_mean is not None and row.sim_std > 0 for row in registry.experts)
     router = Router(registry)
     by_label = {label: expert for expert, label in labels.items()}
     for topic, query in QUERIES.items():
-        assert router.route(query).best.expert.expert_id == by_label[topic]
+        best = router.route(query).best
+        assert best.expert.expert_id == by_label[topic]
+        assert best.score == pytest.approx((best.similarity - best.expert.sim_mean) / best.expert.sim_std)
 
     # a later registry write (here a removal) keeps the plots in the re-rendered card
     from huggingface_hub import hf_hub_download

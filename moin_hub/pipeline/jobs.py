@@ -272,6 +272,9 @@ class TopicJob:
         keywords / samples / title: copied into ``moin_expert.json``.
         eval_texts: held-out documents; when given, the expert's and the base model's perplexity on them
             are measured and recorded.
+        sim_mean / sim_std: how close the topic's own queries are to its centroid (cosine mean and
+            standard deviation), copied into ``moin_expert.json`` so the registry row calibrates routing
+            scores (:meth:`~moin_hub.ExpertRecord.calibrated`); None: not measured.
     """
 
     expert_id: str
@@ -281,6 +284,8 @@ class TopicJob:
     samples: list[str] = field(default_factory=list)
     title: str = ""
     eval_texts: list[str] | None = None
+    sim_mean: float | None = None
+    sim_std: float | None = None
 
     def __post_init__(self) -> None:
         validate_expert_id(self.expert_id)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import MoinHubError
 from ..hub.client import get_api, resolve_endpoint, sha256_file
-from ..hub.config import ADAPTER_WEIGHTS_FILENAME, EmbedderSpec, PinnedModel
+from ..hub.config import ADAPTER_WEIGHTS_FILENAME, EmbedderSpec, PinnedModel, similarity_stats
 from ..hub.embed import download_model_dir, load_embedder
 from ..hub.registry import embedder_dimension, resolve_pinned
 from .brown import load_brown
@@ -43,6 +43,7 @@ from .workspace import (
     Workspace,
     _read_jsonl,
     query_of,
+    read_embeddings,
     topic_expert_id,
 )
 
@@ -190,24 +191,31 @@ def topic_model(workdir: Path) -> Any:
 
 def make_jobs(workdir: str | os.PathLike, *, max_eval_docs: int | None = 40, n_samples: int = 3,
               sample_chars: int = 400) -> list[TopicJob]:
-    """One :class:`TopicJob` per topic of the workspace: its documents, centroid, keywords, samples, and
-    held-out documents of the same topic (for the perplexities on the expert's card)."""
+    """One :class:`TopicJob` per topic of the workspace: its documents, centroid, keywords, samples,
+    held-out documents of the same topic (for the perplexities on the expert's card), and the similarity
+    statistics of the topic's own queries (the first words of its training documents, as ``cluster``
+    embedded them) to its centroid, which calibrate routing scores in the registry."""
     workdir = Path(workdir)
     topics = topic_model(workdir)
     train = _read_jsonl(workdir / "documents" / "train.jsonl")
     heldout = _read_jsonl(workdir / "documents" / "heldout.jsonl")
+    queries = read_embeddings(workdir).get("train_queries")
+    if queries is not None and queries.shape[0] != len(train):
+        queries = None  # not this workspace's documents: leave the statistics out rather than guess
     jobs = []
     for topic in range(topics.num_topics):
-        texts = [row["text"] for row in train if row["topic"] == topic]
+        rows = [i for i, row in enumerate(train) if row["topic"] == topic]
+        texts = [train[i]["text"] for i in rows]
         if not texts:
             continue
+        stats = similarity_stats(queries[rows], topics.centroids[topic]) if queries is not None else (None, None)
         evals = [row["text"] for row in heldout if row["topic"] == topic][:max_eval_docs]
         keywords = topics.keywords[topic] if topics.keywords else []
         samples = [t if len(t) <= sample_chars else t[:sample_chars].rsplit(" ", 1)[0] + " ..."
                    for t in texts[:n_samples]]
         jobs.append(TopicJob(topic_expert_id(topic), texts=texts, centroid=topics.centroids[topic],
                              keywords=keywords, samples=samples, title=", ".join(keywords[:3]),
-                             eval_texts=evals or None))
+                             eval_texts=evals or None, sim_mean=stats[0], sim_std=stats[1]))
     return jobs
 
 

@@ -262,6 +262,9 @@ def _versions() -> dict[str, str]:
 
 def _write_expert(folder: Path, model: Any, job: TopicJob, config: TrainConfig, measured: dict[str, Any]) -> None:
     """Write the expert's files into ``folder``; ``moin_expert.json`` last (it marks the folder finished)."""
+    for lora in model.peft_config.values():  # PEFT keeps them as a set, saved in hash order: same bytes every run
+        if isinstance(lora.target_modules, set):
+            lora.target_modules = sorted(lora.target_modules)
     # save_embedding_layers=False: the vocabulary is never resized, and "auto" would look the base up on the Hub
     model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
     (folder / "README.md").unlink(missing_ok=True)  # PEFT's stub card; push writes the real one
@@ -270,7 +273,8 @@ def _write_expert(folder: Path, model: Any, job: TopicJob, config: TrainConfig, 
                                               "created_at": utc_now(), "versions": _versions()})
     held_out = {k: measured[k] for k in ("perplexity", "base_perplexity", "eval_tokens") if k in measured}
     metadata = ExpertMetadata(expert_id=job.expert_id, keywords=job.keywords, n_docs=len(job.texts),
-                              n_tokens=measured["tokens"], samples=job.samples, title=job.title, **held_out)
+                              n_tokens=measured["tokens"], samples=job.samples, title=job.title,
+                              sim_mean=job.sim_mean, sim_std=job.sim_std, **held_out)
     write_json(folder / EXPERT_METADATA_FILENAME, metadata.to_dict())
 
 
