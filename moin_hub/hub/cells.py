@@ -83,10 +83,12 @@ def plan_cells(centroids: np.ndarray, *, seed: int = 0, target_recall: float = C
     return CellPlan(assignment, cell_vectors, nprobe, recall)
 
 
-def _queries(vectors: np.ndarray, *, seed: int) -> np.ndarray:
+def calibration_queries(vectors: np.ndarray, *, seed: int, count: int = _CALIBRATION_QUERIES) -> np.ndarray:
+    """Up to ``count`` queries near the registry's own centroids: a sample of them plus noise, at three
+    distances (query-to-centroid cosine about 0.7, 0.5 and 0.3); unit rows."""
     rng = np.random.default_rng(seed)
     n, dim = vectors.shape
-    rows = rng.choice(n, size=min(n, _CALIBRATION_QUERIES), replace=False)
+    rows = rng.choice(n, size=min(n, count), replace=False)
     scale = np.resize(np.asarray(_CALIBRATION_NOISE, dtype=np.float32), len(rows))[:, None]
     noise = rng.standard_normal((len(rows), dim)).astype(np.float32) * (scale / math.sqrt(dim))
     return unit_rows(vectors[rows] + noise)
@@ -114,7 +116,7 @@ def calibrate_nprobe(vectors: np.ndarray, assignment: np.ndarray, cell_vectors: 
     Measured on queries made from the registry's own centroids plus noise (cosine 0.7, 0.5 and 0.3 to
     their centroid).
     """
-    ranks = best_cell_ranks(_queries(vectors, seed=seed), vectors, assignment, cell_vectors)
+    ranks = best_cell_ranks(calibration_queries(vectors, seed=seed), vectors, assignment, cell_vectors)
     total = len(cell_vectors)
     needed = int(np.quantile(ranks, target, method="higher")) + 1
     nprobe = min(total, max(_MIN_NPROBE, needed))

@@ -20,6 +20,7 @@ import numpy as np
 
 from .._validators import is_commit_sha, validate_positive_int, validate_query, validate_vector
 from ..errors import ExpertNotFoundError
+from .cells import calibration_queries
 from .config import ExpertRecord
 from .embed import Embedder, load_embedder
 from .registry import Registry
@@ -92,7 +93,6 @@ INDEX_CACHE_SIZE = 4
 
 _CALIBRATION_QUERIES = 384
 _MIN_NPROBE = 16
-_CALIBRATION_NOISE = (1.0, 1.7, 3.0)  # query-to-centroid cosine about 0.7, 0.5 and 0.3
 
 
 def _unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -183,16 +183,6 @@ def _ivf_nlist(n: int) -> int:
     return max(1, min(round(4 * math.sqrt(n)), n // 39))
 
 
-def _calibration_queries(vectors: np.ndarray, *, seed: int) -> np.ndarray:
-    """Queries near the registry's own centroids: a sample of them plus noise, at three distances."""
-    rng = np.random.default_rng(seed)
-    n, dim = vectors.shape
-    rows = rng.choice(n, size=min(n, _CALIBRATION_QUERIES), replace=False)
-    scale = np.resize(np.asarray(_CALIBRATION_NOISE, dtype=np.float32), len(rows))[:, None]
-    noise = rng.standard_normal((len(rows), dim)).astype(np.float32) * (scale / math.sqrt(dim))
-    return _unit_rows(vectors[rows] + noise)
-
-
 def _calibrate_nprobe(ivf: Any, vectors: np.ndarray, nlist: int, *, target: float,
                       seed: int) -> tuple[int, float]:
     """The smallest ``nprobe`` (16, 32, 64, ... up to ``nlist``) reaching recall@1 >= ``target`` vs exact.
@@ -203,7 +193,7 @@ def _calibrate_nprobe(ivf: Any, vectors: np.ndarray, nlist: int, *, target: floa
     """
     import faiss
 
-    queries = _calibration_queries(vectors, seed=seed)
+    queries = calibration_queries(vectors, seed=seed, count=_CALIBRATION_QUERIES)
     exact, _ = faiss.knn(queries, vectors, 1, metric=faiss.METRIC_INNER_PRODUCT)
     nprobe = min(_MIN_NPROBE, nlist)
     while True:
