@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from moin_hub import Registry
 from moin_hub.hub.registry import update_registry, upsert_expert
 from tests._helpers import free_port
 from tests.conftest import BASE_REPO, EMBEDDER_REPO
-from tests.reliability._tools import raw_request, subprocess_env
+from tests.reliability._tools import subprocess_env, wait_until_answers
 from tests.test_cli import invoke
 from tests.test_pipeline import write_corpus
 
@@ -84,15 +83,7 @@ def test_local_hub_with_a_namespace_token(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if raw_request(url, "GET", "/api/models")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "the local hub did not start"
-            time.sleep(0.2)
+        wait_until_answers(proc, url, "/api/models", timeout=60, what="the local hub")
         api = HfApi(endpoint=url)
         with pytest.raises(HfHubHTTPError) as refused:
             api.create_repo("acme/model", token=False)
@@ -158,16 +149,7 @@ def test_ray_serve_run_app_builder(hub, topic_registry, tmp_path):
                             start_new_session=True)
     url = "http://127.0.0.1:8000"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if raw_request(url, "GET", "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None, proc.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "serve run never answered /health"
-            time.sleep(0.5)
+        wait_until_answers(proc, url, "/health", timeout=240, what="serve run", poll=0.5)
         body = json.dumps({"model": "moin:auto", "prompt": "The striker scored a goal in the cup final",
                            "max_tokens": 4, "temperature": 0}).encode()
         request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})

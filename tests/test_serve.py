@@ -363,7 +363,7 @@ def test_moin_hub_serve_runs_as_a_command(hub, topic_registry, tmp_path):
     import time
 
     from moin_hub import Registry
-    from tests.reliability._tools import subprocess_env
+    from tests.reliability._tools import subprocess_env, wait_until_answers
 
     port = free_port()
     key = "sk-cli-" + uuid.uuid4().hex
@@ -377,15 +377,7 @@ def test_moin_hub_serve_runs_as_a_command(hub, topic_registry, tmp_path):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if raw_request(url, "GET", "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.25)
+        wait_until_answers(proc, url, "/health", timeout=120, what="moin-hub serve", poll=0.25)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
         response = client.completions.create(model="moin:auto", prompt=QUERIES["cooking"], max_tokens=3)
         assert response.model_extra["moin"]["mode"] == "adaptive"

@@ -76,3 +76,23 @@ def raw_request(base_url: str, method: str, path: str, body: bytes | None = None
         return response.status, response.getheader("Content-Type", ""), response.read()
     finally:
         connection.close()
+
+
+def wait_until_answers(proc: subprocess.Popen, base_url: str, path: str, *, timeout: float, what: str,
+                       poll: float = 0.2) -> None:
+    """Wait until ``GET path`` answers 200 from the server that ``proc`` starts; fail (with its last output)
+    if the process exits first, or after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if raw_request(base_url, "GET", path)[0] == 200:
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            output = proc.communicate()[0] if proc.stdout else ""
+            raise AssertionError(f"{what} exited with {proc.returncode}: {(output or '')[-3000:]}")
+        assert time.monotonic() < deadline, f"{what} did not answer {path} within {timeout:.0f} s"
+        time.sleep(poll)
