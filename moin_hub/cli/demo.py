@@ -32,9 +32,8 @@ def command(out: Path, max_files: int, k: int, tokens_per_expert: int, seed_frac
     Starts a local Hub server, publishes the bundled base model (SmolLM2-135M-Instruct,
     dequantized from the packaged Q4_1 GGUF) and embedder (all-MiniLM-L6-v2) to it, clusters a
     slice of the Brown Corpus, trains one shared seed LoRA and branches one expert per topic from
-    it, scores them on held-out files,
-    pushes them into a registry, and routes example queries to their experts. The defaults
-    finish in about 10 minutes on 2 CPU cores.
+    it, scores them on held-out files, pushes them into a registry, and routes example queries
+    to their experts. The defaults finish in about 15 minutes on 2 CPU cores.
     """
     from ..pipeline.demo import DemoConfig, run_demo
 
