@@ -28,10 +28,11 @@ DEMO_REGISTRY = f"{DEMO_NAMESPACE}/brown-experts"
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo, chosen to finish in well under 15 minutes on 2 CPU cores (fp32).
+    """Sizes of the demo, chosen to finish in about 15 minutes on 2 CPU cores (883 s measured on 2026-12-02).
 
-    Training on CPU runs at roughly 180-250 tokens/s on 2 cores for the 135M base, so the defaults
-    give each expert 20k tokens; ``make bench`` runs the larger quality configuration.
+    Training on CPU runs at roughly 180-300 tokens/s on 2 cores for the 135M base, so the defaults give
+    each topic 20k tokens, 75% of them spent on the shared seed; ``make bench`` runs the larger quality
+    configuration.
     """
 
     max_files: int = field(default=60, metadata={"help": "Brown files used (balanced over genre groups)."})
