@@ -149,3 +149,16 @@ def test_seed_and_dense_jobs_do_not_depend_on_the_clustering():
     texts = [t for j in jobs for t in j.texts]
     regrouped = [job("cooking", expert_id="a", texts=texts[::2]), job("football", expert_id="b", texts=texts[1::2])]
     assert _all_topics_job(jobs, "seed", "").texts == _all_topics_job(regrouped, "seed", "").texts
+
+
+def test_the_commands_default_to_the_library_seed_fraction():
+    """`train` and `demo` spell their default without importing the pipeline (fast --help): keep them in step."""
+    from moin_hub.cli.demo import command as demo_command
+    from moin_hub.cli.pipeline import train_command
+    from moin_hub.pipeline.demo import DemoConfig
+
+    def default(command, name):
+        return next(p.default for p in command.params if p.name == name)
+
+    assert default(train_command, "seed_fraction") == default(demo_command, "seed_fraction") == 0.75
+    assert TrainConfig().seed_fraction == DemoConfig().seed_fraction == 0.75
