@@ -306,11 +306,17 @@ class ExpertEngine(BatchedGeneration):
                 self._peft = None
             raise
 
-    def _download(self, record: ExpertRecord) -> Path:
+    def download(self, record: ExpertRecord) -> Path:
+        """The folder of ``record``'s adapter, through pull's verified download: the registry's pinned commit,
+        the sha256 of every file, no pickle in the repo, an adapter that names the registry's base model.
+        Files come from the HF cache when they are there (and are checked again).
+
+        Raises:
+            IntegrityError / UnsafeFileError / BaseModelMismatchError / ExpertNotFoundError /
+            HubUnavailableError: see :func:`~moin_hub.hub.pull.download_expert`.
+        """
         from ..hub.pull import download_expert
 
-        # pull's verified download: the pinned commit, the sha256 of every file, no pickle in the repo,
-        # the adapter names the registry's base model
         return download_expert(record, endpoint=self.endpoint, token=self._token,
                                base_model=self._registry.manifest.base_model)
 
@@ -330,7 +336,7 @@ class ExpertEngine(BatchedGeneration):
             if slot is not None:
                 return self._hold_loaded(slot, pin, count), False
         start = time.perf_counter()
-        folder = self._download(record)
+        folder = self.download(record)
         with self._lock:
             slot = self._cache.get(key)  # another request may have loaded it meanwhile
             if slot is None:
@@ -432,7 +438,7 @@ class ExpertEngine(BatchedGeneration):
     def _prefetch_one(self, record: ExpertRecord) -> bool:
         key = (record.repo_id, record.revision)
         try:
-            folder = self._download(record)
+            folder = self.download(record)
             nbytes = (folder / ADAPTER_WEIGHTS_FILENAME).stat().st_size
             with self._lock:
                 if key in self._cache or not self._cache.has_room(nbytes):

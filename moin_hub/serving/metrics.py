@@ -6,8 +6,10 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from .engine import ExpertEngine
+from ..hub.registry import Registry
+from .engine import EngineStats
 
 #: Route-latency histogram buckets (seconds) of ``/metrics``.
 ROUTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -70,8 +72,20 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_metrics(engine: ExpertEngine, metrics: ServerMetrics, pending: int) -> str:
-    """The Prometheus text exposition of the server's and the engine's counters."""
+class MetricsSource(Protocol):
+    """What ``/metrics`` reads besides the server's own counters: an
+    :class:`~moin_hub.serving.engine.ExpertEngine`, or the vLLM backend (same counters, its upstreams' cache)."""
+
+    stats: EngineStats
+
+    @property
+    def registry(self) -> Registry: ...
+
+    def cache_info(self) -> dict[str, Any]: ...
+
+
+def render_metrics(engine: MetricsSource, metrics: ServerMetrics, pending: int, extra: Sequence[str] = ()) -> str:
+    """The Prometheus text exposition of the server's and the engine's counters, then ``extra`` lines."""
     stats = engine.stats.snapshot()
     cache = engine.cache_info()
     lines: list[str] = []
@@ -113,4 +127,5 @@ def render_metrics(engine: ExpertEngine, metrics: ServerMetrics, pending: int) -
     metric("moin_pending_requests", "gauge", "Requests waiting for a batch.", [("", pending)])
     lines += metrics.route_seconds.lines("moin_route_latency_seconds", "Routing latency (embedding included).")
     lines += metrics.batch_sizes.lines("moin_batch_size", "Requests per generation batch.")
+    lines += extra
     return "\n".join(lines) + "\n"

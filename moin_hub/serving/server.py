@@ -39,10 +39,11 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .._version import __version__
 from ..errors import EmptyQueryError, MoinHubError
+from ..hub.config import ExpertRecord
 from ..hub.mixing import MODES, Mixture
 from .batching import ExpertBatcher, Job
 from .engine import ExpertEngine
@@ -111,11 +112,210 @@ class ServeConfig:
             raise ValueError(f"refresh_seconds must be a number >= 0, got {self.refresh_seconds!r}.")
 
 
+# ------------------------------------------------------------------------------------------ backends
+
+
+class Backend(Protocol):
+    """What generates the answers of `moin-hub serve`; the app around it (API, routing, errors) is shared.
+
+    :class:`EngineBackend` generates on moin-hub's own engine;
+    :class:`~moin_hub.serving.vllm_backend.VllmBackend` forwards to vLLM servers. Both route with
+    ``engine`` (its registry, router and verified pulls): a backend never routes by itself.
+    """
+
+    name: str
+    engine: ExpertEngine
+
+    async def start(self, config: ServeConfig, metrics: ServerMetrics) -> None:
+        """Called when the app starts (before the first request)."""
+
+    async def stop(self) -> None:
+        """Called when the app stops."""
+
+    async def completions(self, req: CompletionRequest, prompts: list[str], routes: list[Route], max_tokens: int,
+                          stop: tuple[str, ...]) -> Any:
+        """The answer to ``/v1/completions`` (a JSON dict, or a streaming response): prompt ``i`` gets the
+        mixture and ``moin`` object ``routes[i]``."""
+
+    async def chat(self, req: ChatRequest, messages: list[dict[str, str]], route: Route, max_tokens: int,
+                   stop: tuple[str, ...]) -> Any:
+        """The answer to ``/v1/chat/completions``."""
+
+    def experts_view(self, records: Sequence[ExpertRecord]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """For ``/v1/experts``: where each of ``records`` is loaded (one dict each), and the cache summary."""
+
+    def health(self) -> dict[str, Any]:
+        """Fields added to ``/health``."""
+
+    def metrics_text(self, metrics: ServerMetrics) -> str:
+        """The Prometheus text of ``/metrics``."""
+
+
+#: A routed request: the mixture of experts it gets, and the ``moin`` object that describes it.
+Route = tuple[Mixture, dict[str, Any]]
+
+
+def _usage(outputs: Sequence[Completion]) -> dict[str, int]:
+    prompt = sum(o.prompt_tokens for o in outputs)
+    completion = sum(len(o.token_ids) for o in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class EngineBackend:
+    """Generation on moin-hub's own engine: one base model in this process, requests batched across experts
+    by an :class:`~moin_hub.serving.batching.ExpertBatcher` (the default backend of `moin-hub serve`)."""
+
+    name = "engine"
+
+    def __init__(self, engine: ExpertEngine):
+        self.engine = engine
+        self._batcher: ExpertBatcher | None = None
+
+    async def start(self, config: ServeConfig, metrics: ServerMetrics) -> None:
+        self._batcher = ExpertBatcher(self.engine, max_batch_size=config.max_batch_size,
+                                      window_ms=config.batch_window_ms, on_batch=metrics.batch_sizes.observe)
+
+    async def stop(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
+            self._batcher = None
+        self.engine.close()
+
+    def _submit(self, job: Job) -> Future:
+        """Hand a job to the batcher."""
+        if self._batcher is None:
+            raise RuntimeError("the server is not started")
+        return self._batcher.submit(job)
+
+    async def _run(self, mixture: Mixture, prompt_ids: list[int], max_tokens: int, stop: tuple[str, ...],
+                   req: Sampling) -> Completion:
+        job = Job(mixture, prompt_ids, max_tokens, req.temperature, req.top_p, stop, req.seed)
+        return await asyncio.wrap_future(self._submit(job))
+
+    async def completions(self, req: CompletionRequest, prompts: list[str], routes: list[Route], max_tokens: int,
+                          stop: tuple[str, ...]) -> Any:
+        from starlette.concurrency import run_in_threadpool
+
+        if req.stream:
+            mixture, moin = routes[0]
+            ids = await run_in_threadpool(self.engine.encode, prompts[0], reserve=max_tokens)
+            return self._stream("completion", req, mixture, moin, ids, max_tokens, stop)
+        tasks = []
+        for prompt, (mixture, _) in zip(prompts, routes, strict=True):
+            ids = await run_in_threadpool(self.engine.encode, prompt, reserve=max_tokens)
+            tasks.append(self._run(mixture, ids, max_tokens, stop, req))
+        outputs = await asyncio.gather(*tasks)
+        choices = [{"index": i, "text": o.text, "finish_reason": o.finish_reason, "logprobs": None,
+                    "moin": routes[i][1]} for i, o in enumerate(outputs)]
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": req.model, "choices": choices, "usage": _usage(outputs), "moin": routes[0][1]}
+
+    async def chat(self, req: ChatRequest, messages: list[dict[str, str]], route: Route, max_tokens: int,
+                   stop: tuple[str, ...]) -> Any:
+        from starlette.concurrency import run_in_threadpool
+
+        mixture, moin = route
+        ids = await run_in_threadpool(self.engine.encode_chat, messages, reserve=max_tokens)
+        if req.stream:
+            return self._stream("chat", req, mixture, moin, ids, max_tokens, stop)
+        output = await self._run(mixture, ids, max_tokens, stop, req)
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": req.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text},
+                             "finish_reason": output.finish_reason, "logprobs": None}],
+                "usage": _usage([output]), "moin": moin}
+
+    def _stream(self, kind: str, req: Sampling, mixture: Mixture, moin: dict[str, Any], prompt_ids: list[int],
+                max_tokens: int, stops: tuple[str, ...]) -> Any:
+        """Server-sent events as OpenAI streams them: chunks of new text, a last chunk with the finish reason,
+        then ``[DONE]``. Stop strings are honoured across chunks; a client that goes away stops generation."""
+        from fastapi.responses import StreamingResponse
+
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def push(token: int | None) -> None:
+            loop.call_soon_threadsafe(tokens.put_nowait, token)
+
+        job = Job(mixture, prompt_ids, max_tokens, req.temperature, req.top_p, (), req.seed, on_token=push,
+                  cancel=cancel)
+        future = self._submit(job)
+        future.add_done_callback(lambda _: push(None))
+        ident, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        tokenizer = self.engine.tokenizer
+
+        def chunk(text: str, finish: str | None, *, first: bool = False) -> str:
+            if kind == "chat":
+                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            body = {"id": ident, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                    "created": created, "model": req.model, "choices": [choice]}
+            if first:
+                body["moin"] = moin
+            return f"data: {json.dumps(body)}\n\n"
+
+        async def events() -> Any:
+            new_ids: list[int] = []
+            sent, finish = "", None
+            try:
+                yield chunk("", None, first=True)
+                while (token := await tokens.get()) is not None:
+                    if token == tokenizer.eos_token_id:
+                        continue
+                    new_ids.append(token)
+                    text, stopped = truncate_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True), stops)
+                    safe = text if stopped else text[: len(text) - held_back(text, stops)]
+                    if len(safe) > len(sent):
+                        yield chunk(safe[len(sent):], None)
+                        sent = safe
+                    if stopped:
+                        cancel.set()
+                        finish = "stop"
+                        break
+                if finish is None:
+                    try:
+                        result = await asyncio.wrap_future(future)
+                    except Exception as err:  # noqa: BLE001 - the stream has begun: the error is its last event
+                        yield f"data: {json.dumps(api_error(err).body())}\n\n"
+                        return
+                    final, stopped = truncate_at_stop(result.text, stops)
+                    if len(final) > len(sent):
+                        yield chunk(final[len(sent):], None)
+                    finish = "stop" if stopped else result.finish_reason
+                yield chunk("", finish)
+                yield "data: [DONE]\n\n"
+            finally:
+                cancel.set()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def experts_view(self, records: Sequence[ExpertRecord]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        cache = self.engine.cache_info()
+        loaded = {(s["repo_id"], s["revision"]): s for s in cache["loaded"]}
+        states = []
+        for record in records:
+            slot = loaded.get((record.repo_id, record.revision))
+            states.append({"loaded": slot is not None, "pinned": bool(slot and slot["pinned"]),
+                           "in_use": slot["in_use"] if slot else 0})
+        return states, {k: v for k, v in cache.items() if k != "loaded"}
+
+    def health(self) -> dict[str, Any]:
+        return {"loaded": len(self.engine.cached_experts()), "base_model_loaded": self.engine._base is not None}
+
+    def metrics_text(self, metrics: ServerMetrics) -> str:
+        return render_metrics(self.engine, metrics, self._batcher.pending() if self._batcher else 0)
+
+
 # ------------------------------------------------------------------------------------------ the app
 
 
-def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
-    """The FastAPI app of `moin-hub serve` over ``engine`` (a batcher thread starts with the app's lifespan).
+def create_app(engine: ExpertEngine, config: ServeConfig | None = None, *, backend: Backend | None = None) -> Any:
+    """The FastAPI app of `moin-hub serve` over ``engine``: its registry and router choose each request's
+    experts, and ``backend`` generates (default: :class:`EngineBackend`, moin-hub's own engine, whose batcher
+    thread starts with the app's lifespan).
 
     Example:
         >>> import uvicorn  # doctest: +SKIP
@@ -125,13 +325,15 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     config = config or ServeConfig()
+    backend = backend or EngineBackend(engine)
+    if backend.engine is not engine:
+        raise ValueError("the backend must route with the engine the app serves")
     metrics = ServerMetrics()
-    state: dict[str, ExpertBatcher] = {}
 
     async def follow_registry() -> None:
         """Follow the registry's head every ``refresh_seconds``; a failed look is logged and retried later."""
@@ -147,16 +349,14 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any):  # noqa: ANN202
-        state["batcher"] = ExpertBatcher(engine, max_batch_size=config.max_batch_size,
-                                         window_ms=config.batch_window_ms, on_batch=metrics.batch_sizes.observe)
+        await backend.start(config, metrics)
         refresher = asyncio.create_task(follow_registry()) if config.refresh_seconds else None
         try:
             yield
         finally:
             if refresher is not None:
                 refresher.cancel()
-            state.pop("batcher").close()
-            engine.close()
+            await backend.stop()
 
     app = FastAPI(title="moin-hub serve", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible completions routed to topic LoRA experts (MoIN).")
@@ -220,8 +420,15 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
             raise ApiError(400, "At most 4 stop sequences.", param="stop")
         return max_tokens, stop
 
-    def choose(model: str, query: str) -> tuple[Mixture, dict[str, Any]]:
-        """The mixture a request gets and the ``moin`` object describing it (runs in a worker thread)."""
+    def choose(model: str, query: str) -> Route:
+        """The mixture a request gets and the ``moin`` object describing it (runs in a worker thread); each
+        expert is counted in ``/metrics`` (``base`` for none)."""
+        mixture, moin = _choose(model, query)
+        for expert in mixture.experts or ("base",):
+            metrics.count_expert(expert)
+        return mixture, moin
+
+    def _choose(model: str, query: str) -> Route:
         registry = engine.registry
         info: dict[str, Any] = {"registry": registry.registry_id, "registry_revision": registry.revision}
         if model == BASE_MODEL:
@@ -243,17 +450,6 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
         return Mixture((record.expert_id,), (1.0,), "forced"), {
             **info, "mode": "forced", "experts": [expert_entry(record, 1.0)]}
 
-    def submit(job: Job) -> Future:
-        """Count the job's experts and hand it to the batcher."""
-        for expert in job.mixture.experts or ("base",):
-            metrics.count_expert(expert)
-        return state["batcher"].submit(job)
-
-    async def run(mixture: Mixture, prompt_ids: list[int], max_tokens: int, stop: tuple[str, ...],
-                  req: Sampling) -> Completion:
-        job = Job(mixture, prompt_ids, max_tokens, req.temperature, req.top_p, stop, req.seed)
-        return await asyncio.wrap_future(submit(job))
-
     def check_length(text: str, what: str) -> str:
         if not text.strip():
             raise EmptyQueryError()
@@ -261,77 +457,6 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
             raise ApiError(400, f"The {what} is {len(text):,} characters; the limit is {config.max_prompt_chars:,}.",
                            param=what)
         return text
-
-    def usage(outputs: Sequence[Completion]) -> dict[str, int]:
-        prompt = sum(o.prompt_tokens for o in outputs)
-        completion = sum(len(o.token_ids) for o in outputs)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def stream(kind: str, req: Sampling, mixture: Mixture, moin: dict[str, Any], prompt_ids: list[int],
-               max_tokens: int, stops: tuple[str, ...]) -> Any:
-        """Server-sent events as OpenAI streams them: chunks of new text, a last chunk with the finish reason,
-        then ``[DONE]``. Stop strings are honoured across chunks; a client that goes away stops generation."""
-        loop = asyncio.get_running_loop()
-        tokens: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-
-        def push(token: int | None) -> None:
-            loop.call_soon_threadsafe(tokens.put_nowait, token)
-
-        job = Job(mixture, prompt_ids, max_tokens, req.temperature, req.top_p, (), req.seed, on_token=push,
-                  cancel=cancel)
-        future = submit(job)
-        future.add_done_callback(lambda _: push(None))
-        ident, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
-        tokenizer = engine.tokenizer
-
-        def chunk(text: str, finish: str | None, *, first: bool = False) -> str:
-            if kind == "chat":
-                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            body = {"id": ident, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                    "created": created, "model": req.model, "choices": [choice]}
-            if first:
-                body["moin"] = moin
-            return f"data: {json.dumps(body)}\n\n"
-
-        async def events() -> Any:
-            new_ids: list[int] = []
-            sent, finish = "", None
-            try:
-                yield chunk("", None, first=True)
-                while (token := await tokens.get()) is not None:
-                    if token == tokenizer.eos_token_id:
-                        continue
-                    new_ids.append(token)
-                    text, stopped = truncate_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True), stops)
-                    safe = text if stopped else text[: len(text) - held_back(text, stops)]
-                    if len(safe) > len(sent):
-                        yield chunk(safe[len(sent):], None)
-                        sent = safe
-                    if stopped:
-                        cancel.set()
-                        finish = "stop"
-                        break
-                if finish is None:
-                    try:
-                        result = await asyncio.wrap_future(future)
-                    except Exception as err:  # noqa: BLE001 - the stream has begun: the error is its last event
-                        yield f"data: {json.dumps(api_error(err).body())}\n\n"
-                        return
-                    final, stopped = truncate_at_stop(result.text, stops)
-                    if len(final) > len(sent):
-                        yield chunk(final[len(sent):], None)
-                    finish = "stop" if stopped else result.finish_reason
-                yield chunk("", finish)
-                yield "data: [DONE]\n\n"
-            finally:
-                cancel.set()
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Any:
@@ -341,24 +466,10 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
             raise ApiError(400, f"Send 1 to {config.max_batch_size * 4} prompts.", param="prompt")
         for prompt in prompts:
             check_length(prompt, "prompt")
-        if req.stream:
-            if len(prompts) != 1:
-                raise ApiError(400, "stream=true takes one prompt.", param="prompt", code="unsupported")
-            mixture, moin = await run_in_threadpool(choose, req.model, prompts[0])
-            ids = await run_in_threadpool(engine.encode, prompts[0], reserve=max_tokens)
-            return stream("completion", req, mixture, moin, ids, max_tokens, stop)
-        tasks = []
-        routes = []
-        for prompt in prompts:
-            mixture, moin = await run_in_threadpool(choose, req.model, prompt)
-            ids = await run_in_threadpool(engine.encode, prompt, reserve=max_tokens)
-            routes.append(moin)
-            tasks.append(run(mixture, ids, max_tokens, stop, req))
-        outputs = await asyncio.gather(*tasks)
-        choices = [{"index": i, "text": o.text, "finish_reason": o.finish_reason, "logprobs": None,
-                    "moin": routes[i]} for i, o in enumerate(outputs)]
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model, "choices": choices, "usage": usage(outputs), "moin": routes[0]}
+        if req.stream and len(prompts) != 1:
+            raise ApiError(400, "stream=true takes one prompt.", param="prompt", code="unsupported")
+        routes = [await run_in_threadpool(choose, req.model, prompt) for prompt in prompts]
+        return await backend.completions(req, prompts, routes, max_tokens, stop)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest) -> Any:
@@ -369,16 +480,8 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
         if not user_turns:
             raise ApiError(400, "The chat has no user message with text.", param="messages")
         # MoIN routes the whole query: the last user turn is what the user asks now
-        mixture, moin = await run_in_threadpool(choose, req.model, user_turns[-1])
-        ids = await run_in_threadpool(engine.encode_chat, messages, reserve=max_tokens)
-        if req.stream:
-            return stream("chat", req, mixture, moin, ids, max_tokens, stop)
-        output = await run(mixture, ids, max_tokens, stop, req)
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": req.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text},
-                             "finish_reason": output.finish_reason, "logprobs": None}],
-                "usage": usage([output]), "moin": moin}
+        route = await run_in_threadpool(choose, req.model, user_turns[-1])
+        return await backend.chat(req, messages, route, max_tokens, stop)
 
     @app.post("/v1/route")
     async def route(req: RouteRequest) -> Any:
@@ -406,18 +509,13 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
 
     @app.get("/v1/experts")
     async def experts() -> Any:
-        cache = engine.cache_info()
-        loaded = {(s["repo_id"], s["revision"]): s for s in cache["loaded"]}
-        data = []
-        for record in engine.registry.experts:
-            slot = loaded.get((record.repo_id, record.revision))
-            data.append({"id": record.expert_id, "object": "expert", "repo_id": record.repo_id,
-                         "revision": record.revision, "keywords": list(record.keywords), "n_docs": record.n_docs,
-                         "loaded": slot is not None, "pinned": bool(slot and slot["pinned"]),
-                         "in_use": slot["in_use"] if slot else 0})
-        return {"object": "list", "registry": engine.registry.registry_id,
-                "registry_revision": engine.registry.revision, "base_model": engine.base_model.to_dict(),
-                "data": data, "cache": {k: v for k, v in cache.items() if k != "loaded"}}
+        registry = engine.registry
+        states, cache = backend.experts_view(registry.experts)
+        data = [{"id": record.expert_id, "object": "expert", "repo_id": record.repo_id,
+                 "revision": record.revision, "keywords": list(record.keywords), "n_docs": record.n_docs, **state}
+                for record, state in zip(registry.experts, states, strict=True)]
+        return {"object": "list", "registry": registry.registry_id, "registry_revision": registry.revision,
+                "base_model": engine.base_model.to_dict(), "backend": backend.name, "data": data, "cache": cache}
 
     @app.get("/v1/models")
     async def models() -> Any:
@@ -428,18 +526,16 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
 
     @app.get("/metrics")
     async def prometheus() -> Any:
-        batcher = state.get("batcher")
-        text = render_metrics(engine, metrics, batcher.pending() if batcher else 0)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(backend.metrics_text(metrics), media_type="text/plain; version=0.0.4")
 
     @app.get("/health")
     async def health() -> Any:
         registry = engine.registry
         return {"status": "ok", "registry": registry.registry_id, "registry_revision": registry.revision,
-                "experts": len(registry.experts), "loaded": len(engine.cached_experts()),
-                "base_model_loaded": engine._base is not None, "version": __version__}
+                "experts": len(registry.experts), "backend": backend.name, **backend.health(),
+                "version": __version__}
 
-    app.state.engine, app.state.config, app.state.metrics = engine, config, metrics
+    app.state.engine, app.state.backend, app.state.config, app.state.metrics = engine, backend, config, metrics
     return app
 
 
@@ -463,8 +559,8 @@ class RunningServer:
         self.stop()
 
 
-def start_server(engine: ExpertEngine, config: ServeConfig | None = None, *, host: str = "127.0.0.1",
-                 port: int = 0, log_level: str = "warning") -> RunningServer:
+def start_server(engine: ExpertEngine, config: ServeConfig | None = None, *, backend: Backend | None = None,
+                 host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> RunningServer:
     """Serve ``engine`` with uvicorn in a background thread; returns once it accepts connections.
 
     ``port=0`` picks a free port (see ``RunningServer.url``). For tests, benchmarks and notebooks; the CLI
@@ -474,7 +570,7 @@ def start_server(engine: ExpertEngine, config: ServeConfig | None = None, *, hos
 
     import uvicorn
 
-    app = create_app(engine, config)
+    app = create_app(engine, config, backend=backend)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
