@@ -220,6 +220,27 @@ class HubUnavailableError(MoinHubError, ConnectionError):
                          hint="The Hub may be down or overloaded; nothing half-written was left, run it again later.")
 
 
+class UpstreamError(MoinHubError, ConnectionError):
+    """An inference server that `moin-hub serve --backend vllm` forwards to failed: it did not answer, timed
+    out, or answered with an error that is not the client's fault.
+
+    Attributes:
+        url: the upstream's base URL.
+        reason: what went wrong, one line.
+        status: the HTTP status the proxy answers with (503 unreachable, 504 timed out, 502 otherwise).
+        upstream_status: the status the upstream answered with, if it answered.
+    """
+
+    def __init__(self, url: str, reason: str, *, status: int = 502, upstream_status: int | None = None):
+        self.url = url
+        self.reason = reason
+        self.status = status
+        self.upstream_status = upstream_status
+        super().__init__(f"Upstream {url} {reason}",
+                         hint="Check that the vLLM server runs there with --enable-lora and "
+                              "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True.")
+
+
 __all__ = [
     "AssetNotFoundError",
     "BaseModelMismatchError",
@@ -238,4 +259,5 @@ __all__ = [
     "RegistryConflictError",
     "RegistryNotFoundError",
     "UnsafeFileError",
+    "UpstreamError",
 ]

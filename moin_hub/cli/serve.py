@@ -8,6 +8,12 @@ import click
 
 from ._common import endpoint_option, examples, registry_option, token_option
 
+#: vLLM's default --max-loras (kept here so that --help does not import the serving stack).
+VLLM_DEFAULT_MAX_LORAS = 1
+#: Options that only moin-hub's own engine uses.
+_ENGINE_ONLY = ("cache_size", "cache_bytes", "pins", "prefetch", "base_model", "device", "batch_window_ms")
+_VLLM_ONLY = ("upstreams", "upstream_max_loras", "upstream_timeout", "upstream_api_key")
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -32,6 +38,10 @@ class ByteSize(click.ParamType):
         "moin-hub serve --registry acme/moin-registry --port 8000",
         "moin-hub serve --registry acme/moin-registry --mode adaptive --cache-size 16 --pin topic-03",
         "moin-hub serve --registry moin-demo/brown-experts --endpoint http://127.0.0.1:8080 --prefetch 1",
+        "moin-hub serve --registry acme/moin-registry --backend vllm --upstream http://127.0.0.1:8001 "
+        "--upstream-max-loras 4",
+        "moin-hub serve --registry acme/moin-registry --backend vllm "
+        "--upstream http://gpu1:8001,http://gpu2:8001 --upstream-max-loras 8",
         "curl localhost:8000/v1/completions -H 'Content-Type: application/json' "
         "-d '{\"model\": \"moin:auto\", \"prompt\": \"The jury said\", \"max_tokens\": 32}'",
         "python -c \"from openai import OpenAI; print(OpenAI(base_url='http://localhost:8000/v1', api_key='-')"
@@ -79,11 +89,27 @@ class ByteSize(click.ParamType):
                    "with --revision the registry never moves).")
 @click.option("--api-key", default=None, envvar="MOIN_API_KEY", show_envvar=True,
               help="Require `Authorization: Bearer <key>` on /v1/* (never printed).")
-def command(registry: str, revision: str | None, endpoint: str | None, token: str | None, host: str, port: int,
-            mode: str, k: int, mass: float, mix_temperature: float, threshold: float | None, cache_size: int,
-            cache_bytes: int | None, pins: tuple[str, ...], prefetch: int, max_batch_size: int,
+@click.option("--backend", type=click.Choice(["engine", "vllm"]), default="engine", show_default=True,
+              help="Who generates: moin-hub's own engine (one base model in this process), or vLLM servers "
+                   "(--upstream) into which the routed experts are loaded as LoRA adapters.")
+@click.option("--upstream", "upstreams", multiple=True, metavar="URL[,URL...]",
+              help="vllm: the vLLM OpenAI servers (started with --enable-lora and "
+                   "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, on this machine or one that sees its files). "
+                   "Repeatable or comma-separated.")
+@click.option("--upstream-max-loras", default=VLLM_DEFAULT_MAX_LORAS, show_default=True, type=click.IntRange(1),
+              help="vllm: adapters each upstream holds at once; give the upstreams' --max-loras. The least "
+                   "recently used idle adapter is unloaded to make room.")
+@click.option("--upstream-timeout", default=300.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="vllm: seconds to wait for an upstream's answer (and for room for an adapter).")
+@click.option("--upstream-api-key", default=None, envvar="MOIN_UPSTREAM_API_KEY", show_envvar=True,
+              help="vllm: the upstreams' --api-key (never printed).")
+@click.pass_context
+def command(ctx: click.Context, registry: str, revision: str | None, endpoint: str | None, token: str | None,
+            host: str, port: int, mode: str, k: int, mass: float, mix_temperature: float, threshold: float | None,
+            cache_size: int, cache_bytes: int | None, pins: tuple[str, ...], prefetch: int, max_batch_size: int,
             batch_window_ms: float, max_tokens_limit: int, base_model: str | None, device: str | None,
-            refresh_seconds: float, api_key: str | None) -> None:
+            refresh_seconds: float, api_key: str | None, backend: str, upstreams: tuple[str, ...],
+            upstream_max_loras: int, upstream_timeout: float, upstream_api_key: str | None) -> None:
     """Serve the registry's experts over an OpenAI-compatible HTTP API.
 
     \b
@@ -98,15 +124,37 @@ def command(registry: str, revision: str | None, endpoint: str | None, token: st
 
     One base model stays in memory; experts are pulled at their pinned commit, verified,
     and switched as PEFT adapters. Requests for the same expert are batched together.
+
+    \b
+    --backend vllm: the same API in front of vLLM servers. Each routed expert is pulled and
+    verified here, loaded once into an upstream (POST /v1/load_lora_adapter), and the request
+    is forwarded with that adapter; requests go where their adapter is loaded.
     """
     import uvicorn
 
     from ..serving.engine import ExpertEngine
     from ..serving.server import ServeConfig, create_app
 
+    _check_backend_options(ctx, backend, mode, upstreams)
     config = ServeConfig(mode=mode, k=k, temperature=mix_temperature, mass=mass, threshold=threshold,
                          max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
                          max_tokens_limit=max_tokens_limit, api_key=api_key, refresh_seconds=refresh_seconds)
+    if backend == "vllm":
+        from ..serving.vllm_backend import VllmBackend, VllmConfig
+
+        vllm_config = VllmConfig(upstreams=tuple(u for value in upstreams for u in value.split(",")),
+                                 max_loras=upstream_max_loras, timeout=upstream_timeout, api_key=upstream_api_key)
+        engine = ExpertEngine(registry, revision=revision, endpoint=endpoint, token=token)
+        click.echo(f"Registry {engine.registry.registry_id}@{engine.registry.revision[:12]} "
+                   f"({len(engine.registry)} experts) on {engine.endpoint}")
+        click.echo("Loading the embedder (the base model runs on the upstreams) ...")
+        _ = engine.router.embedder
+        click.echo(f"Forwarding to vLLM at {', '.join(vllm_config.upstreams)} "
+                   f"(at most {upstream_max_loras} adapter(s) each)")
+        click.echo(f"Serving on http://{host}:{port}/v1 (mode {mode}; OpenAI-compatible; Ctrl-C to stop)")
+        app = create_app(engine, config, backend=VllmBackend(engine, vllm_config))
+        uvicorn.run(app, host=host, port=port, log_level="info")
+        return
     engine = ExpertEngine(registry, revision=revision, endpoint=endpoint, token=token, base_model=base_model,
                           cache_size=cache_size, cache_bytes=cache_bytes, prefetch=prefetch, device=device)
     click.echo(f"Registry {engine.registry.registry_id}@{engine.registry.revision[:12]} "
@@ -118,3 +166,29 @@ def command(registry: str, revision: str | None, endpoint: str | None, token: st
         click.echo(f"Pinned {slot.expert_id} ({slot.key[0]}@{slot.key[1][:12]})")
     click.echo(f"Serving on http://{host}:{port}/v1 (mode {mode}; OpenAI-compatible; Ctrl-C to stop)")
     uvicorn.run(create_app(engine, config), host=host, port=port, log_level="info")
+
+
+def _check_backend_options(ctx: click.Context, backend: str, mode: str, upstreams: tuple[str, ...]) -> None:
+    """Refuse options the chosen backend would ignore, and a vLLM backend without upstreams."""
+    def given(name: str) -> bool:
+        source = ctx.get_parameter_source(name)
+        return source is not None and source not in (click.core.ParameterSource.DEFAULT,
+                                                     click.core.ParameterSource.DEFAULT_MAP)
+
+    def flag(name: str) -> str:
+        return "--pin" if name == "pins" else "--upstream" if name == "upstreams" else f"--{name.replace('_', '-')}"
+
+    if backend == "vllm":
+        ignored = [flag(n) for n in _ENGINE_ONLY if given(n)]
+        if ignored:
+            raise click.UsageError(f"{', '.join(ignored)}: only for --backend engine (vLLM holds the base model "
+                                   "and its adapters; see --upstream-max-loras).")
+        if not upstreams:
+            raise click.UsageError("--backend vllm needs --upstream URL (a vLLM OpenAI server).")
+        if mode != "top1":
+            raise click.UsageError(f"--mode {mode}: mixtures of several experts are not yet served on vLLM; "
+                                   "use --mode top1.")
+    else:
+        ignored = [flag(n) for n in _VLLM_ONLY if given(n)]
+        if ignored:
+            raise click.UsageError(f"{', '.join(ignored)}: only for --backend vllm.")

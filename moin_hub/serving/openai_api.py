@@ -19,6 +19,7 @@ from ..errors import (
     IntegrityError,
     MoinHubError,
     UnsafeFileError,
+    UpstreamError,
 )
 from ..hub.mixing import MODES
 
@@ -107,6 +108,9 @@ def api_error(err: BaseException) -> ApiError:
         return ApiError(404, message, code="model_not_found", param="model")
     if isinstance(err, EmptyQueryError):
         return ApiError(400, "The prompt is empty.", code="empty_prompt", param="prompt")
+    if isinstance(err, UpstreamError):
+        code = {503: "upstream_unavailable", 504: "upstream_timeout"}.get(err.status, "upstream_error")
+        return ApiError(err.status, message, type="server_error", code=code)
     if isinstance(err, HubUnavailableError):
         return ApiError(503, message, type="server_error", code="hub_unavailable")
     if isinstance(err, (IntegrityError, UnsafeFileError, IncompatibleExpertError)):
