@@ -32,7 +32,7 @@ from tests._helpers import QUERIES, free_port
 
 openai = pytest.importorskip("openai")
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.usefixtures("vllm_py")]  # vllm_py first
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERTS = ("cooking", "football")
@@ -109,16 +109,22 @@ def vllm_servers(python: Path, model_dir: Path, count: int, logs: Path):
             log.close()
 
 
+@pytest.fixture(scope="session")
+def vllm_py() -> Path:
+    """Session-scoped, so that it comes before the session's Hub: a missing vLLM skips (or fails) at once."""
+    return vllm_python()
+
+
 @pytest.fixture(scope="module")
-def smollm_registry(hub, embedder, tmp_path_factory):
-    """A registry on the bundled SmolLM2-135M with two random LoRA experts; ``(registry id, base folder)``."""
+def smollm_registry(vllm_py, hub, embedder, tmp_path_factory):
+    """A registry on the bundled SmolLM2-135M with two random LoRA experts: ``(registry id, base model folder,
+    vLLM's Python)``."""
     from huggingface_hub import HfApi
 
     from moin_hub import init_registry, push_expert
     from moin_hub.errors import AssetNotFoundError
     from moin_hub.hub.assets import default_base_model_dir, publish_default_assets
 
-    python = vllm_python()  # first: without vLLM nothing here is needed
     try:
         base_dir = default_base_model_dir()
     except AssetNotFoundError as err:
@@ -131,7 +137,7 @@ def smollm_registry(hub, embedder, tmp_path_factory):
     for seed, topic in enumerate(EXPERTS):
         folder = _helpers.write_expert(root / topic, base_dir, embedder, topic, base_repo=base_repo, seed=seed)
         push_expert(folder, registry=registry_id, repo_id=f"test-org/{registry_id[-8:]}-{topic}", endpoint=hub.url)
-    return registry_id, base_dir, python
+    return registry_id, base_dir, vllm_py
 
 
 @pytest.fixture(scope="module")
