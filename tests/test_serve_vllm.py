@@ -330,3 +330,26 @@ def test_moin_hub_serve_backend_vllm_runs_as_a_command(hub, topic_registry, fake
         proc.terminate()
         output, _ = proc.communicate(timeout=60)
     assert "Forwarding to vLLM at" in output and "at most 2 adapter(s) each" in output
+
+
+@pytest.mark.e2e
+def test_a_tampered_expert_is_refused_before_the_upstream_sees_it(hub, registry_id, make_expert, fakes):
+    import dataclasses
+
+    from moin_hub import Registry, push_expert
+    from moin_hub.hub.registry import update_registry, upsert_expert
+
+    (fake, up), = fakes[:1]
+    push_expert(make_expert("cooking"), registry=registry_id, repo_id=f"test-org/{registry_id[-8:]}-cooking",
+                endpoint=hub.url)
+    row = Registry.load(registry_id, endpoint=hub.url).get("cooking")  # the registry now records another sha256
+    files = tuple(dataclasses.replace(f, sha256="0" * 64) if f.path == "adapter_model.safetensors" else f
+                  for f in row.files)
+    update_registry(registry_id, upsert_expert(dataclasses.replace(row, files=files)), endpoint=hub.url,
+                    commit_message="tamper")
+    server, _ = _serve(hub, registry_id, [up.url])
+    with server:
+        with pytest.raises(openai.InternalServerError, match="Hash mismatch") as err:
+            _client(server).completions.create(model="moin:auto", prompt=QUERIES["cooking"], max_tokens=2)
+        assert err.value.status_code == 502 and err.value.body["code"] == "expert_refused"
+    assert fake.loads == [] and fake.requests == []  # vLLM was never asked to load or run it
