@@ -8,6 +8,8 @@ Owns:
   ``lora_batch``: rows with different experts through gathered batched LoRA matmuls;
 - ``server``: ``moin-hub serve``, the OpenAI-compatible HTTP app; ``openai_api``: its request models, model
   names and errors; ``batching``: the request batcher; ``metrics``: ``/metrics``;
+- ``vllm_backend``: ``moin-hub serve --backend vllm`` (the routed experts loaded into vLLM servers, requests
+  forwarded there); ``upstreams``: those servers, which adapters each holds, affinity and unloads;
 - ``ray_serve``: the same experts multiplexed over Ray Serve replicas;
 - ``space``: the Space's engine (route, generate side by side, score), and ``space_app``: its Gradio UI.
 

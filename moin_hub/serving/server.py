@@ -20,6 +20,11 @@ model, each row with its own expert (PEFT's per-row ``adapter_names``: the base 
 LoRA update applies to its rows). Requests for a weighted mixture of several experts batch with requests for
 the same mixture.
 
+Generation is a :class:`Backend`'s: :class:`EngineBackend` (the default, above) or
+:class:`~moin_hub.serving.vllm_backend.VllmBackend` (``--backend vllm``: the routed experts are loaded into vLLM
+servers and the requests forwarded there). The API, routing, ``moin`` object and errors are this app's, the
+same for both.
+
 This module is the app (:func:`create_app`, :func:`start_server`); the request models and errors are in
 :mod:`moin_hub.serving.openai_api`, the batcher in :mod:`moin_hub.serving.batching` and ``/metrics`` in
 :mod:`moin_hub.serving.metrics`.
