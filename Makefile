@@ -81,7 +81,7 @@ lint: setup  ## ruff
 demo: setup  ## the main job end to end, offline: local hub, experts, registry, routed pulls
 	$(BIN)/python -m moin_hub demo --out demo-out
 
-bench: setup  ## benchmarks: tables of ratios measured in one run
+bench: setup $(VLLM_DEP)  ## benchmarks: tables of ratios measured in one run (serving_vllm.py needs `make vllm`)
 	@for b in benchmarks/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:  ## remove build outputs (not .venv)

@@ -38,7 +38,7 @@ def test_met_and_exit_code(common):
 
 
 @pytest.mark.parametrize("script", ["reliability.py", "routing.py", "serving.py", "space_switch.py", "quality.py",
-                                    "ablation.py", "registry_scale.py"])
+                                    "ablation.py", "registry_scale.py", "serving_vllm.py"])
 def test_each_benchmark_reports_and_exits_through_the_helpers(script):
     """main() ends in ``return exit_code(...)`` and prints with ``met(...)``: no hand-made verdict, no exit 0."""
     tree = ast.parse((BENCHMARKS / script).read_text(encoding="utf-8"))
