@@ -29,6 +29,8 @@ class FakeVllm:
     loads: list[str] = field(default_factory=list)
     unloads: list[str] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
+    running: dict[str, int] = field(default_factory=dict)  # model -> requests generating with it now
+    busy_unloads: list[str] = field(default_factory=list)  # adapters unloaded while a request used them
     most_loaded: int = 0
     load_delay: float = 0.0
     generate_delay: float = 0.0
@@ -72,6 +74,8 @@ class FakeVllm:
             if self.loras.pop(name, None) is None:
                 return error(404, f"The lora adapter '{name}' cannot be found.")
             self.unloads.append(name)
+            if self.running.get(name):
+                self.busy_unloads.append(name)
             return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
         async def generate(request: Request, chat: bool) -> Any:
@@ -82,7 +86,11 @@ class FakeVllm:
                 return error(404, f"The model `{model}` does not exist.")
             if self.fail_status is not None:
                 return error(self.fail_status, self.fail_message)
-            await asyncio.sleep(self.generate_delay)
+            self.running[model] = self.running.get(model, 0) + 1
+            try:
+                await asyncio.sleep(self.generate_delay)
+            finally:
+                self.running[model] -= 1
             source = body["messages"][-1]["content"] if chat else body["prompt"]
             words = [f"<{model}>", *source.split()][: body.get("max_tokens", 16)]
             usage = {"prompt_tokens": len(source.split()), "completion_tokens": len(words),

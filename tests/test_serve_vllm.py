@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -163,6 +164,25 @@ def test_affinity_over_two_upstreams_and_lru_unloads_within_capacity(hub, topic_
         experts = {e["id"]: e for e in json.loads(raw_request(server.url, "GET", "/v1/experts")[2])["data"]}
         assert experts["astronomy"]["upstreams"] == [up_a.url] and experts["cooking"]["upstreams"] == [up_b.url]
         assert not experts["football"]["loaded"]
+
+
+@pytest.mark.e2e
+def test_a_full_upstream_makes_a_new_expert_wait_for_room_and_never_overflows(hub, topic_registry, fakes):
+    (fake, up), = fakes[:1]
+    fake.generate_delay = 1.0
+    server, backend = _serve(hub, topic_registry, [up.url], max_loras=1, timeout=20.0)
+    with server:
+        client = _client(server)
+        first = threading.Thread(target=lambda: client.completions.create(model="cooking", prompt="a", max_tokens=2))
+        first.start()
+        while not fake.requests:  # cooking is loaded and its request runs (for a second)
+            time.sleep(0.01)
+        answer = client.completions.create(model="football", prompt="b", max_tokens=2)  # no room while it runs
+        first.join(timeout=30)
+        assert answer.choices[0].text.startswith(f"<{_name(backend.engine, 'football')}>")
+        assert fake.loads == [_name(backend.engine, "cooking"), _name(backend.engine, "football")]
+        assert fake.unloads == [_name(backend.engine, "cooking")]
+        assert fake.busy_unloads == [] and fake.most_loaded == 1  # unloaded once its request had ended
 
 
 @pytest.mark.e2e
