@@ -5,7 +5,8 @@ A route's calibrated score is its similarity as a z-score against the chosen exp
 documents sit far from their centroid is not penalised against a tight one. ``calibrate_registry`` routes
 held-out on-topic queries and off-topic prompts, picks the threshold on that score that best separates
 them (the largest smallest-of-both rate), and can write it to the manifest as ``default_threshold``,
-which ``route``, ``pull`` and the Space apply when no threshold is given.
+which ``route``, ``serve`` and the Space apply when no threshold is given (a routed ``pull`` reports
+whether its expert clears it).
 """
 
 from __future__ import annotations

@@ -99,14 +99,10 @@ def plan_mixture(route: Any, *, mode: str = "top1", k: int = 3, temperature: flo
     ``threshold`` applies to the best route's calibrated score (:attr:`~moin_hub.hub.router.Route.score`)
     when its row has similarity statistics, else to its raw similarity.
     """
-    best = route.routes[0] if route.routes else None
-    score = getattr(best, "score", None)
-    if threshold is not None and score is not None:
-        if score < threshold:
-            return Mixture((), (), mode)
-        threshold = None
+    if route.routes and not route.routes[0].clears(threshold):
+        return Mixture((), (), mode)
     weights = mix_weights([r.similarity for r in route.routes], mode=mode, k=k, temperature=temperature,
-                          mass=mass, threshold=threshold)
+                          mass=mass)
     kept = [(r.expert.expert_id, w) for r, w in zip(route.routes, weights, strict=False) if w > 0]
     return Mixture(tuple(e for e, _ in kept), tuple(w for _, w in kept), mode)
 

@@ -71,7 +71,7 @@ class RouteRequest(BaseModel):
     input: str | list[str]
     mode: str | None = None
     k: int | None = Field(default=None, ge=1, le=64)
-    threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
+    threshold: float | None = Field(default=None, allow_inf_nan=False)  # a z-score or, without statistics, a cosine
 
 
 def held_back(text: str, stops: Sequence[str]) -> int:

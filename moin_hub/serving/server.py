@@ -73,7 +73,9 @@ class ServeConfig:
     Args:
         mode: routing mode of ``moin:auto`` (``top1``, ``topk`` or ``adaptive``).
         k / temperature / mass: mixing settings (see :func:`moin_hub.hub.mixing.mix_weights`).
-        threshold: below this best similarity a routed request gets the base model (None: never).
+        threshold: below this best score a routed request gets the base model: the calibrated z-score where
+            the expert's row has similarity statistics, else the cosine (None: the registry's calibrated
+            ``default_threshold``; without one, never).
         max_batch_size: most requests run together in one batch.
         batch_window_ms: how long the batcher waits for more requests of an expert before running a batch.
         max_tokens_limit: the largest ``max_tokens`` a request may ask for.
@@ -99,8 +101,8 @@ class ServeConfig:
         from ..hub.mixing import mix_weights
 
         mix_weights([1.0], mode=self.mode, k=self.k, temperature=self.temperature, mass=self.mass)  # validates
-        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be between -1 and 1, got {self.threshold!r}.")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ValueError(f"threshold must be a finite number, got {self.threshold!r}.")
         for name in ("max_batch_size", "max_tokens_limit", "max_prompt_chars"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -208,6 +210,10 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
     for kind in (MoinHubError, ValueError, RuntimeError, Exception):
         app.add_exception_handler(kind, on_known)
 
+    def threshold_of(given: float | None) -> float | None:
+        """The threshold a route applies: the one given, else the registry's calibrated default (or None)."""
+        return given if given is not None else engine.registry.manifest.default_threshold
+
     def check_sampling(req: Sampling) -> tuple[int, tuple[str, ...]]:
         if req.n != 1:
             raise ApiError(400, "Only n=1 is supported.", param="n", code="unsupported")
@@ -230,7 +236,7 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
             mode = config.mode if model == AUTO_MODEL else MODE_MODELS[model]
             start = time.perf_counter()
             plan = engine.plan(query, mode=mode, k=config.k, temperature=config.temperature, mass=config.mass,
-                               threshold=config.threshold)
+                               threshold=threshold_of(config.threshold))
             metrics.route_seconds.observe(time.perf_counter() - start)
             sims = {r.expert.expert_id: r for r in plan.route.routes}
             experts = [{**expert_entry(sims[e].expert, w), "similarity": round(sims[e].similarity, 6)}
@@ -388,7 +394,7 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
         mode = req.mode or config.mode
         if mode not in MODES:
             raise ApiError(400, f"mode must be one of {', '.join(MODES)}; got {mode!r}.", param="mode")
-        threshold = req.threshold if req.threshold is not None else config.threshold
+        threshold = threshold_of(req.threshold if req.threshold is not None else config.threshold)
 
         def plan_all() -> list[dict[str, Any]]:
             out = []
