@@ -155,7 +155,9 @@ def pull(query: str | None = None, *, registry: str | Registry, expert: str | No
     elif isinstance(registry, Registry):
         reg = registry
     else:
-        reg = Registry.load(registry, revision=revision, endpoint=endpoint, token=token)
+        # routing a query reads the rows only if the router needs them all (a large compacted registry
+        # is searched through its cells, so a cold pull downloads the coarse file and the probed cells)
+        reg = Registry.load(registry, revision=revision, endpoint=endpoint, token=token, lazy=query is not None)
     route = None
     if query is not None:
         route = (router or Router(reg)).route(query, k=k)
