@@ -240,9 +240,11 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
             metrics.route_seconds.observe(time.perf_counter() - start)
             sims = {r.expert.expert_id: r for r in plan.route.routes}
             experts = [{**expert_entry(sims[e].expert, w), "similarity": round(sims[e].similarity, 6)}
+                       if e in sims else expert_entry(registry.get(e), w)  # the fallback expert: no similarity
                        for e, w in zip(plan.mixture.experts, plan.mixture.weights, strict=True)]
             best = plan.route.best
-            return plan.mixture, {**info, "mode": mode, "experts": experts, "route_ms": round(plan.route_ms, 3),
+            shown = "fallback" if plan.mixture.mode == "fallback" else mode
+            return plan.mixture, {**info, "mode": shown, "experts": experts, "route_ms": round(plan.route_ms, 3),
                                   "best": {"expert_id": best.expert.expert_id,
                                            "similarity": round(best.similarity, 6)}}
         record = registry.get(model)  # ExpertNotFoundError -> 404 model_not_found
@@ -415,10 +417,12 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None) -> Any:
         cache = engine.cache_info()
         loaded = {(s["repo_id"], s["revision"]): s for s in cache["loaded"]}
         data = []
-        for record in engine.registry.experts:
+        fallback = engine.registry.fallback
+        for record in [*engine.registry.experts, *([fallback] if fallback else [])]:
             slot = loaded.get((record.repo_id, record.revision))
             data.append({"id": record.expert_id, "object": "expert", "repo_id": record.repo_id,
                          "revision": record.revision, "keywords": list(record.keywords), "n_docs": record.n_docs,
+                         "role": "fallback" if record is fallback else "expert",
                          "loaded": slot is not None, "pinned": bool(slot and slot["pinned"]),
                          "in_use": slot["in_use"] if slot else 0})
         return {"object": "list", "registry": engine.registry.registry_id,

@@ -79,6 +79,7 @@ class SpaceRoute:
     threshold: float
     latency_ms: float
     calibrated: bool = True  # the threshold applies to calibrated scores where rows have them (else cosine)
+    fallback: ExpertRecord | None = None  # the registry's fallback expert, for queries below the threshold
 
     @property
     def routes(self) -> tuple[Route, ...]:
@@ -102,8 +103,9 @@ class SpaceRoute:
 
     @property
     def expert(self) -> ExpertRecord | None:
-        """The chosen expert, or None when the base model answers."""
-        return self.best.expert if self.matched else None
+        """The chosen expert: the best route's, below the threshold the registry's fallback expert, or None
+        when the base model answers."""
+        return self.best.expert if self.matched else self.fallback
 
 
 @dataclass(frozen=True)
@@ -286,7 +288,7 @@ class SpaceEngine(ExpertEngine):
         start = time.perf_counter()
         result = self._router.route(text, k=k)
         return SpaceRoute(result, self.threshold, (time.perf_counter() - start) * 1000,
-                          calibrated=self.threshold_calibrated)
+                          calibrated=self.threshold_calibrated, fallback=self.registry.fallback)
 
     # ----------------------------------------------------------------------------------------- generation
 
@@ -342,8 +344,8 @@ class SpaceEngine(ExpertEngine):
         route = route or self.route(text)
         base_model, tokenizer = self._load_base()
         slot = None
-        if route.matched:
-            slot, _ = self._acquire(route.best.expert)
+        if route.expert is not None:
+            slot, _ = self._acquire(route.expert)
         try:
             device = next(base_model.parameters()).device
             prompt_ids = torch.tensor([self._prompt_ids(text, n_new, chat)], device=device)

@@ -139,9 +139,11 @@ def route_status(engine: SpaceEngine, route: SpaceRoute) -> str:
         title = f" — {record.title}" if record.title else ""
         return (f"→ **{record.expert_id}**{title} ({_closeness(route)})  \n"
                 f"Card: [{record.repo_id}]({engine.expert_url(record)}) @ `{record.revision[:12]}`  \n{latency}")
+    instead = ("the base model" if route.fallback is None else
+               f"the registry's fallback expert **{route.fallback.expert_id}** (trained on every topic)")
     return (f"**No expert matches this query well**: the nearest, `{best.expert.expert_id}`, has "
-            f"{_closeness(route)}, below the threshold {route.threshold:+.2f}. Generation falls back to the "
-            "base model.  \n"
+            f"{_closeness(route)}, below the threshold {route.threshold:+.2f}. Generation falls back to "
+            f"{instead}.  \n"
             f"{latency}")
 
 
