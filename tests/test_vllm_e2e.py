@@ -2,8 +2,9 @@
 
 One ``python -m vllm.entrypoints.openai.api_server`` on the bundled SmolLM2-135M (the dequantized folder of
 :func:`~moin_hub.hub.assets.default_base_model_dir`), its plugin configured by ``MOIN_REGISTRY`` against the
-local Hub, whose registry holds two rank-8 experts made for that base. Nothing is loaded with
-``/v1/load_lora_adapter``: every adapter comes through the resolver.
+local Hub, whose registry holds two rank-4 experts made for that base. Experts come through the resolver
+only; a mixture of both, merged by :func:`~moin_hub.serving.mixture_adapter.materialize_mixture`, is loaded
+with ``/v1/load_lora_adapter`` as its own LoRA.
 
 vLLM lives in its own environment (``make vllm``, then ``make vllm-plugin``): its Python is
 ``$MOIN_VLLM_PYTHON``, else ``.venv-vllm/bin/python`` in this checkout. Without it these tests skip, and fail
@@ -21,6 +22,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from huggingface_hub import HfApi
@@ -55,19 +57,24 @@ def vllm_python() -> Path:
     return python
 
 
-def _request(url: str, body: dict | None = None, *, timeout: float = 300) -> tuple[int, dict]:
+def _request(url: str, body: dict | None = None, *, timeout: float = 300) -> tuple[int, Any]:
+    """``(status, JSON answer)``; a plain-text answer (vLLM's load_lora_adapter) comes back as a string."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
+            status, raw = response.status, response.read()
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
+        status, raw = err.code, err.read() or b"{}"
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
 
 
 def _complete(server: str, model: str) -> tuple[int, dict]:
     return _request(f"{server}/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 8,
-                                                 "min_tokens": 8, "temperature": 0})
+                                                 "min_tokens": 8, "temperature": 0, "return_token_ids": True})
 
 
 def _models(server: str) -> set[str]:
@@ -82,7 +89,8 @@ def vllm_bin() -> Path:
 
 @pytest.fixture(scope="module")
 def smol_registry(hub, embedder, tmp_path_factory) -> tuple[str, Path]:
-    """A registry on the bundled SmolLM2 with two rank-8 experts (cooking, football); and the base's folder."""
+    """A registry on the bundled SmolLM2 with two rank-4 experts (cooking, football; a mixture of both has rank
+    8, the server's maximum); and the base's folder."""
     from moin_hub.hub.assets import default_base_model_dir, publish_folder
 
     base_dir = default_base_model_dir()
@@ -91,7 +99,7 @@ def smol_registry(hub, embedder, tmp_path_factory) -> tuple[str, Path]:
     init_registry(registry_id, base_model=SMOL_REPO, embedder=EMBEDDER_REPO, endpoint=hub.url)
     root = tmp_path_factory.mktemp("smol-experts")
     for seed, topic in enumerate(("cooking", "football")):
-        folder = _helpers.write_expert(root / topic, base_dir, embedder, topic, base_repo=SMOL_REPO, rank=8,
+        folder = _helpers.write_expert(root / topic, base_dir, embedder, topic, base_repo=SMOL_REPO, rank=4,
                                        seed=seed)
         push_expert(folder, registry=registry_id, repo_id=f"test-org/{registry_id[-8:]}-{topic}", endpoint=hub.url)
     return registry_id, base_dir
@@ -173,3 +181,45 @@ def test_a_tampered_adapter_is_refused_and_nothing_is_loaded(vllm_server, smol_r
     # the refusal was the hash check's: with the published bytes back, the same name is served
     status, answer = _complete(server, "football")
     assert status == 200 and "football" in _models(server), answer
+
+
+def _peft_greedy(base_dir: Path, folders: list[Path], weights: list[float], prompt_ids: list[int]) -> list[int]:
+    """8 greedy tokens of PEFT's own weighted (cat) adapter of ``folders`` on the base model, in fp32."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(folders[0]), adapter_name="a0")
+    names = ["a0"]
+    for i, folder in enumerate(folders[1:], start=1):
+        model.load_adapter(str(folder), adapter_name=f"a{i}")
+        names.append(f"a{i}")
+    model.add_weighted_adapter(names, weights, adapter_name="mix", combination_type="cat")
+    model.set_adapter("mix")
+    with torch.no_grad():
+        out = model.eval().generate(torch.tensor([prompt_ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def test_a_merged_mixture_is_served_as_its_own_lora_with_pefts_greedy_tokens(vllm_server, smol_registry, hub,
+                                                                             tmp_path):
+    from moin_hub.hub.pull import download_expert
+    from moin_hub.serving.mixture_adapter import materialize_mixture
+
+    server, log = vllm_server
+    registry = Registry.load(smol_registry[0], endpoint=hub.url)
+    records = [registry.get("cooking"), registry.get("football")]
+    merged = materialize_mixture(registry, records, [0.6, 0.4], tmp_path / "mixtures", max_rank=8)
+    assert merged.rank == 8
+    status, loaded = _request(f"{server}/v1/load_lora_adapter", {"lora_name": merged.name,
+                                                                "lora_path": str(merged.path)})
+    assert status == 200, (loaded, log.read_text(errors="replace")[-3000:])
+    status, answer = _complete(server, merged.name)
+    assert status == 200 and merged.name in _models(server), answer
+    choice = answer["choices"][0]
+    folders = [download_expert(r, endpoint=hub.url) for r in merged.experts]
+    expected = _peft_greedy(smol_registry[1], folders, list(merged.weights), choice["prompt_token_ids"])
+    assert choice["token_ids"] == expected  # vLLM's greedy tokens of the merged folder are PEFT's
+    singles = {_complete(server, name)[1]["choices"][0]["text"] for name in ("cooking", "football")}
+    assert choice["text"] not in singles  # a mixture, not one of its experts
