@@ -58,6 +58,8 @@ test-all: setup browser  ## every test, the slow ones included
 # (huggingface_hub, numpy, safetensors, jinja2). It then checks that the entry point is visible and that
 # importing the plugin loads no model library.
 VLLM_VENV ?= .venv-vllm
+# tests/test_vllm_e2e.py (in `make test-slow`) finds vLLM's Python here
+export MOIN_VLLM_PYTHON ?= $(abspath $(VLLM_VENV))/bin/python
 
 vllm-plugin:  ## install moin-hub's LoRA resolver plugin into $(VLLM_VENV) (no dependency of vLLM changes)
 	@test -x $(VLLM_VENV)/bin/python || { echo "no vLLM environment at $(VLLM_VENV): run \`make vllm\` (or set VLLM_VENV)"; exit 1; }

@@ -98,6 +98,19 @@ def test_a_second_call_reuses_the_cached_folder(registry, tmp_path):
     assert healed.created and (healed.path / ADAPTER_WEIGHTS_FILENAME).read_bytes() == weights_bytes
 
 
+def test_an_engine_is_a_source_too_and_shares_the_cache(registry, tmp_path):
+    from moin_hub import ExpertEngine
+
+    records = [registry.get("cooking"), registry.get("astronomy")]
+    engine = ExpertEngine(registry)
+    try:
+        first = materialize_mixture(engine, records, [0.5, 0.5], tmp_path)
+        again = materialize_mixture(registry, records, [0.5, 0.5], tmp_path)
+    finally:
+        engine.close()
+    assert first.created and not again.created and again.path == first.path
+
+
 def test_a_mixture_above_the_servers_max_rank_is_refused_before_any_download(registry, tmp_path):
     def fetch(record):
         raise AssertionError("nothing may be downloaded")
