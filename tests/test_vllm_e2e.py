@@ -159,6 +159,7 @@ def test_a_registry_expert_is_served_by_name(vllm_server, smol_registry, hub):
     # by repo id too: the same expert, at the registry's pinned commit
     by_repo = registry.get("cooking").repo_id
     status, again = _complete(server, by_repo)
+    assert f"moin-hub resolved {by_repo!r}" in log.read_text(errors="replace")
     assert status == 200 and again["choices"][0]["text"] == answer["choices"][0]["text"]
     # a name the registry does not hold is vLLM's usual 404
     status, missing = _complete(server, "astronomy")
@@ -178,9 +179,24 @@ def test_a_tampered_adapter_is_refused_and_nothing_is_loaded(vllm_server, smol_r
         assert "football" not in _models(server)
     finally:
         blob.write_bytes(original)
+    assert "moin-hub refused expert 'football'" in log.read_text(errors="replace")
     # the refusal was the hash check's: with the published bytes back, the same name is served
     status, answer = _complete(server, "football")
     assert status == 200 and "football" in _models(server), answer
+
+
+def test_an_adapter_made_for_another_base_model_is_refused(vllm_server, smol_registry, hub, embedder, tmp_path):
+    from tests.reliability.test_integrity import _register_by_hand
+
+    server, _ = vllm_server
+    registry_id, base_dir = smol_registry
+    # a LoRA that names another base model, registered by hand (push_expert would refuse it)
+    folder = _helpers.write_expert(tmp_path / "foreign", base_dir, embedder, "astronomy", base_repo="evil/base",
+                                   expert_id="foreign", rank=4)
+    _register_by_hand(hub, registry_id, folder, f"test-org/{registry_id[-8:]}-foreign")
+    status, answer = _complete(server, "foreign")
+    assert status == 400 and "evil/base" in answer["error"]["message"], answer
+    assert "foreign" not in _models(server)
 
 
 def _peft_greedy(base_dir: Path, folders: list[Path], weights: list[float], prompt_ids: list[int]) -> list[int]:

@@ -100,6 +100,8 @@ class MoinRegistryResolver:
         self.token = token
         self._registry: Registry | None = None
         self._lock = threading.Lock()
+        #: where resolutions and refusals are logged (:func:`register` uses a child of vLLM's own logger)
+        self.log = logger
 
     def __repr__(self) -> str:
         at = f"@{self.revision}" if self.revision else ""
@@ -140,17 +142,17 @@ class MoinRegistryResolver:
         try:
             record = registry.get(name)
         except ExpertNotFoundError:
-            logger.debug("%r is no expert of %s@%s", name, registry.registry_id, registry.revision[:12])
+            self.log.debug("%r is no expert of %s@%s", name, registry.registry_id, registry.revision[:12])
             return None
         try:
             path = download_expert(record, endpoint=registry.endpoint,
                                    token=self.token if self.token is not None else registry.token,
                                    base_model=registry.manifest.base_model)
         except Exception as err:
-            logger.warning("moin-hub refused expert %r (%s@%s): %s", name, record.repo_id, record.revision[:12],
+            self.log.warning("moin-hub refused expert %r (%s@%s): %s", name, record.repo_id, record.revision[:12],
                            err)
             raise
-        logger.info("moin-hub resolved %r to %s@%s (verified, registry %s@%s)", name, record.repo_id,
+        self.log.info("moin-hub resolved %r to %s@%s (verified, registry %s@%s)", name, record.repo_id,
                     record.revision[:12], registry.registry_id, registry.revision[:12])
         return ResolvedExpert(name, record, path, registry.registry_id, registry.revision)
 
@@ -196,9 +198,10 @@ def register() -> None:
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
     LoRAResolver.register(MoinRegistryResolver)  # a virtual subclass: the ABC's interface, no vLLM import above
+    resolver.log = logging.getLogger("vllm.moin_hub")  # shown by vLLM's handlers, at vLLM's logging level
     LoRAResolverRegistry.register_resolver(RESOLVER_NAME, resolver)
     if os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").strip().lower() not in ("1", "true"):
-        logger.warning("moin-hub resolver registered for %s, but vLLM consults resolvers only with "
+        resolver.log.warning("moin-hub resolver registered for %s, but vLLM consults resolvers only with "
                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True", resolver.registry_id)
     else:
-        logger.info("moin-hub resolver registered for registry %s", resolver.registry_id)
+        resolver.log.info("moin-hub resolver registered for registry %s", resolver.registry_id)
