@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from moin_hub import Registry, push_expert
-from moin_hub.errors import BaseModelMismatchError, IntegrityError
+from moin_hub.errors import BaseModelMismatchError, HubUnavailableError, IntegrityError
 from moin_hub.hub.client import sha256_file
 from moin_hub.hub.config import ADAPTER_CONFIG_FILENAME, ADAPTER_WEIGHTS_FILENAME
 from moin_hub.serving import vllm_resolver
@@ -89,6 +89,23 @@ def test_a_pinned_registry_revision_is_kept_and_the_head_is_followed_otherwise(h
                 endpoint=hub.url)
     assert pinned.resolve("astronomy") is None and pinned.registry().revision == pinned_at
     assert following.resolve("astronomy").expert.expert_id == "astronomy"
+
+
+def test_a_hub_outage_keeps_the_registry_read_last(hub, two_experts, monkeypatch):
+    import moin_hub.hub.retry as retry
+
+    monkeypatch.setenv("MOIN_HUB_ATTEMPTS", "2")
+    monkeypatch.setattr(retry, "backoff", lambda attempt, **_: 0.01)
+    resolver = MoinRegistryResolver(two_experts, endpoint=hub.url)
+    first = resolver.resolve("cooking")
+    fault = hub.inject_fault("GET", f"/api/datasets/{two_experts}", status=503, times=None)
+    try:
+        again = resolver.resolve("cooking")  # the head is unreadable: the registry read last, the cached files
+        assert fault.hits >= 2 and again.expert == first.expert and again.path == first.path
+        with pytest.raises(HubUnavailableError):  # a resolver that never read the registry has nothing to keep
+            MoinRegistryResolver(two_experts, endpoint=hub.url).resolve("cooking")
+    finally:
+        hub.clear_faults()
 
 
 def test_configuration_comes_from_the_environment():

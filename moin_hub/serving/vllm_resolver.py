@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from .._validators import validate_repo_id
-from ..errors import ExpertNotFoundError
+from ..errors import ExpertNotFoundError, HubUnavailableError
 from ..hub.config import ExpertRecord
 from ..hub.pull import download_expert
 from ..hub.registry import Registry
@@ -110,13 +110,23 @@ class MoinRegistryResolver:
     def registry(self) -> Registry:
         """The registry to look names up in: pinned once, or the head of main read now.
 
+        When the head cannot be read (the Hub kept failing) the registry read last is kept, so that experts
+        already in the HF cache are still served.
+
         Raises:
-            RegistryNotFoundError / InvalidRegistryError / HubUnavailableError: as :meth:`Registry.load`.
+            RegistryNotFoundError / InvalidRegistryError / HubUnavailableError: as :meth:`Registry.load`
+                (``HubUnavailableError`` only when no registry was read before).
         """
         with self._lock:
             if self._registry is None or self.revision is None:
-                self._registry = Registry.load(self.registry_id, revision=self.revision, endpoint=self.endpoint,
-                                               token=self.token)
+                try:
+                    self._registry = Registry.load(self.registry_id, revision=self.revision,
+                                                   endpoint=self.endpoint, token=self.token)
+                except HubUnavailableError as err:
+                    if self._registry is None:
+                        raise
+                    self.log.warning("could not read the head of registry %s (%s); keeping %s", self.registry_id,
+                                     err, self._registry.revision[:12])
             return self._registry
 
     def lookup(self, name: str) -> ExpertRecord | None:
