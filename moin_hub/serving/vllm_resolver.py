@@ -30,9 +30,10 @@ Run it::
     MOIN_REGISTRY=acme/moin-registry VLLM_ALLOW_RUNTIME_LORA_UPDATING=True VLLM_PLUGINS=moin_hub \\
         vllm serve HuggingFaceTB/SmolLM2-135M-Instruct --enable-lora --max-lora-rank 8
 
-then ask for ``"model": "<expert id>"``. Importing this module is cheap (no torch, faiss or vLLM): vLLM loads
-general plugins in every process it starts. vLLM itself is imported only by :func:`register` and
-:meth:`MoinRegistryResolver.resolve_lora`.
+then ask for ``"model": "<expert id>"``. vLLM loads general plugins in every process it starts, so importing
+this module is cheap: no torch, faiss, sentence-transformers or vLLM, not even moin-hub's Hub modules (they
+load on the first resolution, which needs only the registry rows). vLLM itself is imported only by
+:func:`register` and :meth:`MoinRegistryResolver.resolve_lora`.
 """
 
 from __future__ import annotations
@@ -44,13 +45,14 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._validators import validate_repo_id
 from ..errors import ExpertNotFoundError, HubUnavailableError
-from ..hub.config import ExpertRecord
-from ..hub.pull import download_expert
-from ..hub.registry import Registry
+
+if TYPE_CHECKING:  # the Hub modules load on the first resolution: a server without MOIN_REGISTRY pays nothing
+    from ..hub.config import ExpertRecord
+    from ..hub.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +119,8 @@ class MoinRegistryResolver:
             RegistryNotFoundError / InvalidRegistryError / HubUnavailableError: as :meth:`Registry.load`
                 (``HubUnavailableError`` only when no registry was read before).
         """
+        from ..hub.registry import Registry
+
         with self._lock:
             if self._registry is None or self.revision is None:
                 try:
@@ -148,6 +152,8 @@ class MoinRegistryResolver:
             ExpertNotFoundError: the expert's repo or its pinned commit is gone.
             HubUnavailableError: the Hub kept failing.
         """
+        from ..hub.pull import download_expert
+
         registry = self.registry()
         try:
             record = registry.get(name)
