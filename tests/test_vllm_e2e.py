@@ -156,6 +156,12 @@ def test_a_registry_expert_is_served_by_name(vllm_server, smol_registry, hub):
     assert "cooking" in _models(server)  # loaded through the resolver, under the asked name
     base = _complete(server, str(smol_registry[1]))[1]["choices"][0]["text"]
     assert answer["choices"][0]["text"] != base  # the adapter is applied
+    # the very tokens PEFT gives with the same expert at its pinned commit
+    from moin_hub.hub.pull import download_expert
+
+    folder = download_expert(registry.get("cooking"), endpoint=hub.url)
+    choice = answer["choices"][0]
+    assert choice["token_ids"] == _peft_greedy(smol_registry[1], [folder], [1.0], choice["prompt_token_ids"])
     # by repo id too: the same expert, at the registry's pinned commit
     by_repo = registry.get("cooking").repo_id
     status, again = _complete(server, by_repo)
@@ -200,7 +206,8 @@ def test_an_adapter_made_for_another_base_model_is_refused(vllm_server, smol_reg
 
 
 def _peft_greedy(base_dir: Path, folders: list[Path], weights: list[float], prompt_ids: list[int]) -> list[int]:
-    """8 greedy tokens of PEFT's own weighted (cat) adapter of ``folders`` on the base model, in fp32."""
+    """8 greedy tokens of PEFT on the base model, in fp32: one adapter, or PEFT's own weighted (cat) adapter of
+    several."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -211,8 +218,9 @@ def _peft_greedy(base_dir: Path, folders: list[Path], weights: list[float], prom
     for i, folder in enumerate(folders[1:], start=1):
         model.load_adapter(str(folder), adapter_name=f"a{i}")
         names.append(f"a{i}")
-    model.add_weighted_adapter(names, weights, adapter_name="mix", combination_type="cat")
-    model.set_adapter("mix")
+    if len(folders) > 1:
+        model.add_weighted_adapter(names, weights, adapter_name="mix", combination_type="cat")
+        model.set_adapter("mix")
     with torch.no_grad():
         out = model.eval().generate(torch.tensor([prompt_ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
     return out[0, len(prompt_ids):].tolist()

@@ -206,6 +206,10 @@ def register() -> None:
     vLLM calls it once in each of its processes; it reads no Hub and imports no model library. Without
     ``MOIN_REGISTRY`` it does nothing. Resolvers are consulted only when the server runs with
     ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` (a warning says so otherwise).
+
+    Raises:
+        ValueError: ``MOIN_REGISTRY`` is no valid repo id (vLLM then stops at start-up: a misconfigured
+            server does not serve silently without its experts).
     """
     resolver = resolver_from_env()
     if resolver is None:
