@@ -15,6 +15,12 @@ experts' ``(repo_id, commit)`` and their weights rounded to :data:`WEIGHT_DECIMA
 experts does not matter). The folder holds ``adapter_config.json``, ``adapter_model.safetensors`` and
 ``moin_mixture.json`` (the experts, their commits, weights and ranks, and the sha256 of the two adapter
 files, checked before a cached folder is reused).
+
+Serving it: ``POST /v1/load_lora_adapter {"lora_name": merged.name, "lora_path": str(merged.path)}`` (with
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``), then requests with ``"model": merged.name``. The path is read by the
+vLLM server, so ``cache_dir`` must be on a disk it sees (the same machine, or a shared volume). vLLM refuses to
+load a name twice (unless ``load_inplace``): since the name is a function of the mixture, a caller keeps track
+of what each server holds, or treats "already loaded" as success.
 """
 
 from __future__ import annotations
