@@ -133,3 +133,32 @@ def test_bad_mixtures_are_refused(registry, tmp_path):
     with pytest.raises(TypeError, match="source"):
         materialize_mixture(42, [cooking], [1.0], tmp_path)
     assert mixture_name([cooking, football], [0.5, 0.5]) != mixture_name([cooking, football], [0.6, 0.4])
+
+
+def test_experts_with_other_targets_and_ranks_merge_as_peft_merges_them(registry, tiny_base, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from moin_hub.hub.config import ExpertRecord
+
+    # a second adapter of another rank on other modules (attention and MLP), saved as a plain PEFT folder
+    torch.manual_seed(7)
+    base, tokenizer = _base(tiny_base)
+    other = get_peft_model(base, LoraConfig(r=2, lora_alpha=5, target_modules=["k_proj", "o_proj", "down_proj"],
+                                            init_lora_weights=False, task_type="CAUSAL_LM"))
+    other.peft_config["default"].base_model_name_or_path = registry.manifest.base_model.repo_id
+    other.save_pretrained(tmp_path / "other", save_embedding_layers=False)
+    cooking = registry.get("cooking")
+    folders = {cooking.repo_id: download_expert(cooking, endpoint=registry.endpoint), "org/other": tmp_path / "other"}
+    records = [cooking, ExpertRecord("other", "org/other", "a" * 40, (1.0,))]
+
+    merged = materialize_mixture(lambda record: folders[record.repo_id], records, [0.25, 0.75], tmp_path / "mix")
+    assert merged.rank == 4 + 2
+    base, _ = _base(tiny_base)
+    mixed = _logits(PeftModel.from_pretrained(base, str(merged.path)).eval(), tokenizer)
+
+    base, _ = _base(tiny_base)
+    reference = PeftModel.from_pretrained(base, str(folders[cooking.repo_id]), adapter_name="cooking")
+    reference.load_adapter(str(tmp_path / "other"), adapter_name="other")
+    reference.add_weighted_adapter(["cooking", "other"], [0.25, 0.75], adapter_name="mix", combination_type="cat")
+    reference.set_adapter("mix")
+    assert torch.allclose(mixed, _logits(reference.eval(), tokenizer), atol=1e-5)
