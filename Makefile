@@ -18,7 +18,7 @@ VLLM_STAMP   := $(VLLM_VENV)/.moin-vllm-stamp
 VLLM_DEP := $(if $(filter environment command,$(origin MOIN_VLLM_PYTHON)),,vllm)
 export MOIN_VLLM_PYTHON ?= $(abspath $(VLLM_VENV))/bin/python
 
-.PHONY: help setup brown browser vllm test test-slow test-all lint demo bench clean
+.PHONY: help setup brown browser vllm vllm-plugin test test-slow test-all lint demo bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -74,6 +74,23 @@ test-slow: setup $(VLLM_DEP)  ## only the `slow` tests (real model, real vLLM-CP
 
 test-all: setup browser $(VLLM_DEP)  ## every test, the slow ones included
 	$(PYTEST) tests
+
+# moin-hub's LoRA resolver plugin (moin_hub/serving/vllm_resolver.py) inside vLLM's own environment, which
+# `make vllm` creates. moin-hub goes in editable and WITHOUT its dependencies, so vLLM's pins (torch,
+# transformers, fastapi) stay as they are; the resolver path needs only pyarrow besides what vLLM brings
+# (huggingface_hub, numpy, safetensors, jinja2). It then checks that the entry point is visible and that
+# importing the plugin loads no model library.
+# (VLLM_VENV and MOIN_VLLM_PYTHON, which tests/test_vllm_e2e.py uses too, are set at the top.)
+vllm-plugin:  ## install moin-hub's LoRA resolver plugin into $(VLLM_VENV) (no dependency of vLLM changes)
+	@test -x $(VLLM_VENV)/bin/python || { echo "no vLLM environment at $(VLLM_VENV): run \`make vllm\` (or set VLLM_VENV)"; exit 1; }
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps 'pyarrow>=14'
+	@$(VLLM_VENV)/bin/python -c "import sys; from importlib.metadata import entry_points; \
+	  names = [e.value for e in entry_points(group='vllm.general_plugins') if e.name == 'moin_hub']; \
+	  import moin_hub.serving.vllm_resolver, moin_hub.hub.pull; \
+	  heavy = [m for m in ('torch', 'faiss', 'sentence_transformers', 'transformers') if m in sys.modules]; \
+	  assert names == ['moin_hub.serving.vllm_resolver:register'] and not heavy, (names, heavy); \
+	  print('moin-hub vLLM plugin installed in $(VLLM_VENV):', names[0])"
 
 lint: setup  ## ruff
 	$(BIN)/ruff check moin_hub tests benchmarks spaces

@@ -65,3 +65,16 @@ def test_calibrate_sets_the_default_threshold_that_route_applies(hub, registry_i
     hello = mixture("hello")
     assert hello["mixture"]["experts"] == [] and hello["expert"]["score"] < report["threshold"]
     assert mixture(_helpers.QUERIES["astronomy"])["mixture"]["experts"][0]["expert_id"] == "astronomy"
+
+    from moin_hub.serving.space import SpaceEngine
+
+    space = SpaceEngine(registry_id, endpoint=hub.url)  # the Space applies the same calibrated default
+    assert space.threshold == report["threshold"] and space.threshold_calibrated
+    off, on = space.route("hello"), space.route(_helpers.QUERIES["astronomy"])
+    assert off.on_score and not off.matched and on.matched and on.expert.expert_id == "astronomy"
+    assert SpaceEngine(registry_id, endpoint=hub.url, threshold=-50.0).route("hello").matched
+
+    from moin_hub.hub.pull import PullResult  # a routed pull says whether its expert clears the threshold
+
+    pulled = [PullResult(r.best.expert, tmp_path, space.registry, r.result).to_dict() for r in (off, on)]
+    assert [p["matched"] for p in pulled] == [False, True]

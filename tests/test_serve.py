@@ -94,7 +94,8 @@ def test_config_checks_itself():
     with pytest.raises(ValueError, match="max_batch_size"):
         ServeConfig(max_batch_size=0)
     with pytest.raises(ValueError, match="threshold"):
-        ServeConfig(threshold=3)
+        ServeConfig(threshold=float("nan"))
+    assert ServeConfig(threshold=-2.5).threshold == -2.5  # a calibrated z-score may lie outside [-1, 1]
     assert "api_key" not in repr(ServeConfig(api_key="secret"))
 
 

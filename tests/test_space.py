@@ -6,12 +6,14 @@ registry holding one expert per test topic. Nothing reaches the network.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,12 +125,12 @@ def test_next_token_penalises_repeats():
 def test_env_threshold():
     from moin_hub.serving.space_app import env_threshold
 
-    assert env_threshold(None) == env_threshold("") == 0.1
-    assert env_threshold("0.25") == 0.25
+    assert env_threshold(None) is None and env_threshold("") is None  # the registry's calibrated default
+    assert env_threshold("0.25") == 0.25 and env_threshold("-1.5") == -1.5  # z-scores lie outside [-1, 1]
     with pytest.raises(ValueError, match="MOIN_THRESHOLD"):
         env_threshold("high")
     with pytest.raises(ValueError, match="MOIN_THRESHOLD"):
-        env_threshold("2")
+        env_threshold("nan")
 
 
 # ------------------------------------------------------------------------------------------ the engine
@@ -172,7 +174,7 @@ def test_base_model_override_from_the_hub_or_a_folder(hub, space_registry, tiny_
     _, loaded, _ = local.activate("cooking")
     assert loaded and "local folder" in local.base_model_label
     with pytest.raises(ValueError, match="threshold"):
-        SpaceEngine(space_registry, endpoint=hub.url, threshold=2)
+        SpaceEngine(space_registry, endpoint=hub.url, threshold=float("inf"))
 
 
 # ------------------------------------------------------------------------------------------ the app
@@ -254,9 +256,22 @@ def test_a_new_expert_shows_up_after_refresh(hub, space, make_expert):
         space.client.predict(api_name="/browse")
 
 
+def test_example_queries_come_from_the_registrys_sample_documents(space):
+    from moin_hub.hub.cards import example_prompt
+    from tests._helpers import TOPIC_TEXTS
+
+    examples = space.engine.example_queries()
+    assert sorted(examples) == sorted(example_prompt([TOPIC_TEXTS[t][0]], []) for t in TOPICS)
+    with urllib.request.urlopen(space.url + "config", timeout=30) as answer:  # the app's layout, as browsers get it
+        shown = json.dumps(json.load(answer))
+    assert "Examples from the registry" in shown and all(json.dumps(e)[1:-1] in shown for e in examples)
+    assert "How long should bread dough rise" not in shown  # the fixed examples that matched no demo expert
+
+
 def test_off_topic_query_says_so_and_falls_back_to_the_base_model(space):
     status, table = space.client.predict(OFF_TOPIC, 3, api_name="/route")
     assert "No expert matches this query well" in status and "falls back to the base model" in status
+    assert space.engine.threshold == 0.1 and not space.engine.threshold_calibrated  # no calibration: cosine 0.1
     assert len(_table(table)) == 3  # the candidates are still shown
     status, base, expert = space.client.predict(OFF_TOPIC, 5, api_name="/generate")
     assert "No expert matches" in status and base.strip() and expert == base

@@ -249,9 +249,13 @@ def evaluate_command(workdir: Path, seq_len: int, max_docs_per_topic: int | None
               help="Expert repos are ORG/<prefix><registry name>-<expert id>.")
 @click.option("--no-create", is_flag=True, help="Fail if the registry does not exist instead of creating it.")
 @click.option("--private", is_flag=True, help="Create private repos.")
+@click.option("--fallback-seed", is_flag=True,
+              help="Also push branch-train's seed (WORKDIR/seed) as the registry's fallback expert: queries below "
+                   "the routing threshold get it instead of the bare base model.")
 @hub_options
 def push_all_command(workdir: Path, registry: str, namespace: str, repo_prefix: str, no_create: bool,
-                     private: bool, endpoint: str | None, token: str | None, output_format: str) -> None:
+                     private: bool, fallback_seed: bool, endpoint: str | None, token: str | None,
+                     output_format: str) -> None:
     """Push every trained expert of WORKDIR into a registry (one commit per expert, one bar).
 
     \b
@@ -262,7 +266,7 @@ def push_all_command(workdir: Path, registry: str, namespace: str, repo_prefix: 
 
     results = push_all(workdir, registry=registry, namespace=namespace, repo_prefix=repo_prefix,
                        create_registry=not no_create, private=private, endpoint=endpoint, token=token,
-                       progress=output_format == "text")
+                       progress=output_format == "text", fallback_seed=fallback_seed)
     emit(output_format, {"registry": registry, "experts": [r.to_dict() for r in results]}, lambda: "\n".join(
         [f"{r.expert_id:<12} {r.url}  (commit {r.revision[:12]})" for r in results]
         + [f"Registry {registry} holds {results[-1].n_experts} expert(s)."]))

@@ -42,6 +42,10 @@ def command(registry: str, query: str | None, expert: str | None, k: int, local_
 
     def text() -> str:
         head = format_routes(result.route) + "\n" if result.route else ""
+        if result.matched is False:
+            head += (f"Note: the best score is below the registry's calibrated threshold "
+                     f"{result.registry.manifest.default_threshold:+.3f}: no expert matches this query well "
+                     "(route and serve would answer with the base model).\n")
         return (f"{head}Pulled {result.expert.expert_id} ({result.expert.repo_id}@{result.expert.revision[:12]}), "
                 f"{len(result.expert.files)} files verified\n{result.path}")
 

@@ -67,11 +67,15 @@ def command(registry: str, query: str, k: int, mode: str, mass: float, temperatu
     result = router.route(query, k=k)
     if threshold is None:
         threshold = router.registry.manifest.default_threshold
-    mixture = plan_mixture(result, mode=mode, k=k, temperature=temperature, mass=mass, threshold=threshold)
+    fallback = router.registry.fallback
+    mixture = plan_mixture(result, mode=mode, k=k, temperature=temperature, mass=mass, threshold=threshold,
+                           fallback=None if fallback is None else fallback.expert_id)
 
     def text() -> str:
         mixed = (", ".join(f"{e} x{w:.2f}" for e, w in zip(mixture.experts, mixture.weights, strict=True))
                  if not mixture.base_only else "none: below the threshold, the base model answers")
+        if mixture.mode == "fallback":
+            mixed += " (below the threshold: the registry's fallback expert)"
         return f"{format_routes(result)}\nMixture ({mode}): {mixed}"
 
     emit(output_format, {**result.to_dict(), "mixture": mixture.to_dict()}, text)

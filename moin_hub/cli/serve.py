@@ -63,8 +63,10 @@ class ByteSize(click.ParamType):
               help="adaptive: the probability mass the chosen experts must carry.")
 @click.option("--temperature", "mix_temperature", default=0.05, show_default=True,
               type=click.FloatRange(0.0, min_open=True), help="Softmax temperature over the similarities.")
-@click.option("--threshold", default=None, type=click.FloatRange(-1.0, 1.0),
-              help="Below this similarity a routed request gets the base model (default: always an expert).")
+@click.option("--threshold", default=None, type=float,
+              help="Below this best score a routed request gets the base model: the calibrated z-score where the "
+                   "expert's row has similarity statistics, else the cosine. Default: the registry's calibrated "
+                   "default_threshold; without one, always an expert.")
 @click.option("--cache-size", default=8, show_default=True, type=click.IntRange(1),
               help="Expert adapters kept loaded on the one base model (LRU).")
 @click.option("--cache-bytes", default=None, type=ByteSize(),

@@ -22,9 +22,10 @@ from ._common import endpoint_option, examples, registry_option, token_option
 @token_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (keep it on loopback).")
 @click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
-@click.option("--threshold", default=None, type=click.FloatRange(-1.0, 1.0), envvar="MOIN_THRESHOLD",
-              show_envvar=True, help="Similarity below which no expert matches and the base model answers "
-                                     "[default: 0.1].")
+@click.option("--threshold", default=None, type=float, envvar="MOIN_THRESHOLD", show_envvar=True,
+              help="Below this best score no expert matches and the base model answers: the calibrated z-score "
+                   "where the expert's row has similarity statistics, else the cosine. Default: the registry's "
+                   "calibrated default_threshold, else cosine 0.1.")
 @click.option("--base-model", default=None, envvar="MOIN_BASE_MODEL", show_envvar=True, metavar="ORG/NAME[@REV]",
               help="Serve the experts on this base model instead of the registry's (same architecture), "
                    "or on a local folder.")
@@ -47,10 +48,10 @@ def command(registry: str, revision: str | None, endpoint: str | None, token: st
     Loaded adapters stay cached, so switching experts does not reload the base model.
     """
     from ..serving import space_app
-    from ..serving.space import DEFAULT_THRESHOLD, SpaceEngine
+    from ..serving.space import SpaceEngine
 
     engine = SpaceEngine(registry, revision=revision, endpoint=endpoint, token=token, base_model=base_model,
-                         threshold=DEFAULT_THRESHOLD if threshold is None else threshold, cache_size=cache_size,
+                         threshold=threshold, cache_size=cache_size,
                          max_new_tokens_limit=max_new_tokens)
     click.echo(f"Registry {engine.registry.registry_id}@{engine.registry.revision[:12]} "
                f"({len(engine.registry)} experts) on {engine.endpoint}")

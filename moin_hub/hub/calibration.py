@@ -5,7 +5,8 @@ A route's calibrated score is its similarity as a z-score against the chosen exp
 documents sit far from their centroid is not penalised against a tight one. ``calibrate_registry`` routes
 held-out on-topic queries and off-topic prompts, picks the threshold on that score that best separates
 them (the largest smallest-of-both rate), and can write it to the manifest as ``default_threshold``,
-which ``route``, ``pull`` and the Space apply when no threshold is given.
+which ``route``, ``serve`` and the Space apply when no threshold is given (a routed ``pull`` reports
+whether its expert clears it).
 """
 
 from __future__ import annotations
@@ -17,15 +18,8 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from ..errors import MoinHubError
-from .client import get_api, resolve_endpoint
-from .registry import (
-    DEFAULT_MAX_RETRIES,
-    WritePlan,
-    _head_sha,
-    commit_plan,
-    manifest_operation,
-    read_manifest,
-)
+from .client import resolve_endpoint
+from .registry import DEFAULT_MAX_RETRIES, update_manifest
 
 
 @dataclass(frozen=True)
@@ -107,17 +101,11 @@ def calibrate_registry(registry_id: str, on_topic: Sequence[str], off_topic: Seq
     report = CalibrationReport(registry_id, threshold, kept, rejected, len(on_topic), len(off_topic))
     if not write:
         return report
-    api = get_api(endpoint, token)
     calibration = {"kept": round(kept, 4), "rejected": round(rejected, 4), "n_on_topic": len(on_topic),
                    "n_off_topic": len(off_topic), "score": "z-score of cosine vs the expert's own documents",
                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
-    def plan() -> WritePlan:
-        head = _head_sha(api, registry_id)
-        manifest = replace(read_manifest(registry_id, head, endpoint=endpoint, token=token),
-                           default_threshold=threshold, calibration=calibration)
-        return WritePlan(head, manifest, [manifest_operation(manifest)], None, -1)
-
-    _, sha = commit_plan(api, registry_id, plan, commit_message=f"Calibrate routing threshold: {threshold}",
-                         max_retries=max_retries)
+    sha = update_manifest(registry_id, lambda m: replace(m, default_threshold=threshold, calibration=calibration),
+                          commit_message=f"Calibrate routing threshold: {threshold}", endpoint=endpoint,
+                          token=token, max_retries=max_retries)
     return replace(report, written_revision=sha)

@@ -81,7 +81,7 @@ def example_prompt(samples: Sequence[str], keywords: Sequence[str], *, max_words
 
 
 def expert_card(record: ExpertRecord, manifest: RegistryManifest, *, registry_id: str, endpoint: str,
-                samples: list[str], eval_tokens: int = 0) -> ModelCard:
+                samples: list[str], eval_tokens: int = 0, role: str = "expert") -> ModelCard:
     """Render the model card of an expert repo.
 
     Args:
@@ -91,10 +91,14 @@ def expert_card(record: ExpertRecord, manifest: RegistryManifest, *, registry_id
         endpoint: the Hub endpoint, for links.
         samples: a few sample documents of the topic.
         eval_tokens: held-out tokens behind the perplexities.
+        role: ``"expert"`` (a routed row) or ``"fallback"`` (the registry's fallback expert); recorded as
+            ``moin.role``, so that ``registry rebuild`` restores it as the fallback.
 
     Returns:
         A :class:`~huggingface_hub.ModelCard` whose ``data`` holds the Hub metadata.
     """
+    if role not in ("expert", "fallback"):
+        raise ValueError(f"role must be 'expert' or 'fallback', got {role!r}.")
     eval_results = []
     dataset = {"dataset_type": "moin-heldout", "dataset_name": f"held-out documents of topic {record.expert_id}"}
     for name, value in (("expert", record.perplexity), ("base model", record.base_perplexity)):
@@ -111,7 +115,7 @@ def expert_card(record: ExpertRecord, manifest: RegistryManifest, *, registry_id
         tags=["moin", "moin-expert", "lora", "peft", registry_tag(registry_id)],
         model_name=record.repo_id.split("/")[-1],
         eval_results=eval_results or None,
-        moin=card_metadata(record, manifest, registry_id=registry_id),
+        moin={**card_metadata(record, manifest, registry_id=registry_id), "role": role},
     )
     prompt = example_prompt(samples, list(record.keywords))
     title = record.title or f"MoIN expert `{record.expert_id}`" + (
@@ -144,6 +148,7 @@ def expert_card(record: ExpertRecord, manifest: RegistryManifest, *, registry_id
         prompt=prompt,
         centroid_head="[" + ", ".join(f"{x:.4f}" for x in record.centroid[:6]) + ", ...]",
         created_by=f"moin-hub {__version__}",
+        role=role,
     )
     return ModelCard(content)
 

@@ -7,6 +7,7 @@ round-trips through ``to_dict`` / ``from_dict``, and stamps the producing moin-h
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -168,8 +169,18 @@ class RegistryManifest(_Serializable):
         "help": "Calibrated routing threshold on the experts' z-scores (set by `moin-hub registry calibrate`)."})
     calibration: dict | None = field(default=None, metadata={
         "help": "How default_threshold was chosen: query counts, kept and rejected rates."})
+    fallback: dict | None = field(default=None, metadata={
+        "help": "The fallback expert's row (e.g. branch-train's shared seed): a routed query below the threshold "
+                "gets it instead of the bare base model. Never routed to by its centroid."})
 
     def __post_init__(self) -> None:
+        if self.fallback is not None:  # kept as the row's JSON form, so that manifests compare equal
+            try:
+                record = (self.fallback if isinstance(self.fallback, ExpertRecord)
+                          else ExpertRecord.from_dict(dict(self.fallback)))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"fallback is not a valid expert row: {err}") from None
+            object.__setattr__(self, "fallback", json.loads(json.dumps(record.to_dict())))
         if self.default_threshold is not None:
             object.__setattr__(self, "default_threshold",
                                validate_finite_or_none(self.default_threshold, field="default_threshold"))

@@ -93,20 +93,17 @@ class Mixture:
 
 
 def plan_mixture(route: Any, *, mode: str = "top1", k: int = 3, temperature: float = 0.05, mass: float = 0.8,
-                 threshold: float | None = None) -> Mixture:
+                 threshold: float | None = None, fallback: str | None = None) -> Mixture:
     """The :class:`Mixture` of a :class:`~moin_hub.hub.router.RouteResult` (experts with weight 0 left out).
 
     ``threshold`` applies to the best route's calibrated score (:attr:`~moin_hub.hub.router.Route.score`)
-    when its row has similarity statistics, else to its raw similarity.
+    when its row has similarity statistics, else to its raw similarity. Below it the query gets
+    ``fallback`` (the registry's fallback expert id, mode ``"fallback"``), or the base model without one.
     """
-    best = route.routes[0] if route.routes else None
-    score = getattr(best, "score", None)
-    if threshold is not None and score is not None:
-        if score < threshold:
-            return Mixture((), (), mode)
-        threshold = None
+    if route.routes and not route.routes[0].clears(threshold):
+        return Mixture((fallback,), (1.0,), "fallback") if fallback else Mixture((), (), mode)
     weights = mix_weights([r.similarity for r in route.routes], mode=mode, k=k, temperature=temperature,
-                          mass=mass, threshold=threshold)
+                          mass=mass)
     kept = [(r.expert.expert_id, w) for r, w in zip(route.routes, weights, strict=False) if w > 0]
     return Mixture(tuple(e for e, _ in kept), tuple(w for _, w in kept), mode)
 

@@ -27,6 +27,15 @@ class PullResult:
     registry: Registry
     route: RouteResult | None = None
 
+    @property
+    def matched(self) -> bool | None:
+        """For a routed pull: whether the best route clears the registry's calibrated ``default_threshold``
+        (True without one); None when the expert was named. Below it, ``route`` and ``serve`` would answer
+        with the base model: the expert is pulled all the same, since it was asked for."""
+        if self.route is None:
+            return None
+        return self.route.best.clears(self.registry.manifest.default_threshold)
+
     def to_dict(self) -> dict[str, object]:
         data: dict[str, object] = {
             "expert_id": self.expert.expert_id,
@@ -39,6 +48,7 @@ class PullResult:
         }
         if self.route is not None:
             data["route"] = self.route.to_dict()
+            data["matched"] = self.matched
         return data
 
 
@@ -145,7 +155,9 @@ def pull(query: str | None = None, *, registry: str | Registry, expert: str | No
     elif isinstance(registry, Registry):
         reg = registry
     else:
-        reg = Registry.load(registry, revision=revision, endpoint=endpoint, token=token)
+        # routing a query reads the rows only if the router needs them all (a large compacted registry
+        # is searched through its cells, so a cold pull downloads the coarse file and the probed cells)
+        reg = Registry.load(registry, revision=revision, endpoint=endpoint, token=token, lazy=query is not None)
     route = None
     if query is not None:
         route = (router or Router(reg)).route(query, k=k)

@@ -11,7 +11,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
@@ -28,6 +28,7 @@ from .registry import (
     Registry,
     file_digest,
     remove_expert_rows,
+    update_manifest,
     update_registry,
     upsert_expert,
 )
@@ -58,12 +59,12 @@ def _check_base_model(folder: ExpertFolder, registry: Registry, repo_id: str) ->
         raise BaseModelMismatchError(expected=expected, actual=folder.lora.base_model, repo_id=repo_id)
 
 
-def _card_text(record: ExpertRecord, folder: ExpertFolder, registry: Registry) -> str:
+def _card_text(record: ExpertRecord, folder: ExpertFolder, registry: Registry, *, role: str = "expert") -> str:
     """The rendered card; a failure to render warns and falls back to a minimal card (never aborts)."""
     try:
         card = cards.expert_card(record, registry.manifest, registry_id=registry.registry_id,
                                   endpoint=registry.endpoint, samples=folder.metadata.samples[:3],
-                                  eval_tokens=folder.metadata.eval_tokens)
+                                  eval_tokens=folder.metadata.eval_tokens, role=role)
         return str(card)
     except Exception as err:  # noqa: BLE001 - card enrichment must never abort a push
         warnings.warn(f"Could not render the full card of {record.repo_id}: {err}; pushing a minimal card.",
@@ -99,8 +100,14 @@ def _commit_expert(api: HfApi, repo_id: str, folder: Path, card: bytes, *, messa
 
 def push_expert(expert_dir: str | Path, *, registry: str, repo_id: str, expert_id: str | None = None,
                 private: bool = False, commit_message: str | None = None, endpoint: str | None = None,
-                token: str | bool | None = None, max_retries: int = DEFAULT_MAX_RETRIES) -> PushResult:
+                token: str | bool | None = None, max_retries: int = DEFAULT_MAX_RETRIES,
+                fallback: bool = False) -> PushResult:
     """Push an expert folder as its own model repo and add (or update) its registry row.
+
+    With ``fallback=True`` the expert becomes the registry's fallback instead of a row (replacing any
+    earlier one): routed queries below the threshold get it rather than the bare base model, and no
+    centroid routes to it. Branch-train's shared seed (``WORKDIR/seed``), trained on every topic, is
+    the natural fallback.
 
     Args:
         expert_dir: folder with ``adapter_config.json``, ``adapter_model.safetensors``,
@@ -112,6 +119,7 @@ def push_expert(expert_dir: str | Path, *, registry: str, repo_id: str, expert_i
         commit_message: message of the expert commit.
         endpoint / token: Hub settings.
         max_retries: registry update attempts when others write at the same time.
+        fallback: make it the registry's fallback expert (see above), not a routed row.
 
     Returns:
         A :class:`PushResult` with the expert's commit sha and the registry's new commit.
@@ -133,6 +141,8 @@ def push_expert(expert_dir: str | Path, *, registry: str, repo_id: str, expert_i
     _check_base_model(folder, reg, repo_id)
     meta = folder.metadata
     expert_id = expert_id or meta.expert_id
+    if fallback and any(r.expert_id == expert_id for r in reg):
+        raise ValueError(f"{expert_id!r} is a routed expert of {registry}; give the fallback another expert_id.")
 
     files = [file_digest(folder.path / name, name) for name in VERIFIED_EXPERT_FILES]
     draft = ExpertRecord(
@@ -142,13 +152,19 @@ def push_expert(expert_dir: str | Path, *, registry: str, repo_id: str, expert_i
         target_modules=folder.lora.target_modules, adapter_bytes=folder.adapter_bytes, files=tuple(files),
         title=meta.title, sim_mean=meta.sim_mean, sim_std=meta.sim_std,
     )
-    card = _card_text(draft, folder, reg).encode()
+    card = _card_text(draft, folder, reg, role="fallback" if fallback else "expert").encode()
     api = get_api(endpoint, token)
     retry_transient(lambda: api.create_repo(repo_id, private=private, exist_ok=True), what=f"creating {repo_id}")
     commit = _commit_expert(api, repo_id, folder.path, card, max_retries=max_retries,
                             message=commit_message or f"Push MoIN expert {expert_id} for {registry}")
     logger.info("pushed %s at %s", repo_id, commit.oid)
     record = ExpertRecord(**{**draft.to_dict(), "revision": commit.oid, "files": files})
+    if fallback:
+        sha = update_manifest(registry, lambda m: replace(m, fallback=record.to_dict()), endpoint=endpoint,
+                              token=token, max_retries=max_retries,
+                              commit_message=f"Set fallback expert {expert_id} ({repo_id}@{commit.oid[:12]})")
+        return PushResult(expert_id=expert_id, repo_id=repo_id, revision=commit.oid, url=f"{endpoint}/{repo_id}",
+                          registry_id=registry, registry_revision=sha, n_experts=len(reg))
     updated = update_registry(registry, upsert_expert(record), endpoint=endpoint, token=token,
                               commit_message=f"Register expert {expert_id} ({repo_id}@{commit.oid[:12]})",
                               max_retries=max_retries)

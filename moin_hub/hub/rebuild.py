@@ -30,10 +30,14 @@ class RebuildReport:
     rows: list[ExpertRecord]
     problems: dict[str, str] = field(default_factory=dict)
     written_revision: str | None = None
+    fallback: ExpertRecord | None = None  # the card marked ``moin.role: fallback``, if any
 
     def to_dict(self) -> dict[str, object]:
+        fallback = None if self.fallback is None else {"expert_id": self.fallback.expert_id,
+                                                        "repo_id": self.fallback.repo_id,
+                                                        "revision": self.fallback.revision}
         return {"registry": self.registry_id, "n_rows": len(self.rows), "problems": self.problems,
-                "written_revision": self.written_revision,
+                "written_revision": self.written_revision, "fallback": fallback,
                 "experts": [{"expert_id": r.expert_id, "repo_id": r.repo_id, "revision": r.revision} for r in self.rows]}
 
 
@@ -74,6 +78,7 @@ def rebuild_registry(registry_id: str, *, verify: bool = True, write: bool = Fal
     models = [m.id for m in api.list_models(filter=registry_tag(registry_id))]
     rows: dict[str, ExpertRecord] = {}
     problems: dict[str, str] = {}
+    fallback: ExpertRecord | None = None
     for repo_id in tqdm(sorted(models), desc="expert cards", disable=not progress):
         try:
             sha = api.model_info(repo_id).sha
@@ -82,16 +87,29 @@ def rebuild_registry(registry_id: str, *, verify: bool = True, write: bool = Fal
             _check(record, card.data.moin, registry)
             if verify:
                 download_expert(record, endpoint=endpoint, token=token, base_model=registry.manifest.base_model)
+            if card.data.moin.get("role") == "fallback":
+                if fallback is not None:
+                    raise ValueError(f"a second fallback card (the first is {fallback.repo_id})")
+                fallback = record
+                continue
             if record.expert_id in rows:
                 raise ValueError(f"expert id {record.expert_id!r} is also claimed by {rows[record.expert_id].repo_id}")
         except (MoinHubError, ValueError, TypeError, OSError) as err:
             problems[repo_id] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             continue
         rows[record.expert_id] = record
-    report = RebuildReport(registry_id, sorted(rows.values(), key=lambda r: r.expert_id), problems)
+    report = RebuildReport(registry_id, sorted(rows.values(), key=lambda r: r.expert_id), problems,
+                           fallback=fallback)
     if write:
+        from dataclasses import replace
+
         from .compaction import write_rows
+        from .registry import update_manifest
 
         report.written_revision = write_rows(registry_id, report.rows, endpoint=endpoint, token=token,
                                              message="Rebuild moin registry from the expert cards").revision
+        if fallback is not None:
+            report.written_revision = update_manifest(
+                registry_id, lambda m: replace(m, fallback=fallback.to_dict()), endpoint=endpoint, token=token,
+                commit_message=f"Rebuild: fallback expert {fallback.expert_id} from its card")
     return report

@@ -247,12 +247,22 @@ class Registry:
         """The registry's page."""
         return f"{self.endpoint}/datasets/{self.registry_id}"
 
+    @property
+    def fallback(self) -> ExpertRecord | None:
+        """The fallback expert (see ``push_expert(fallback=True)``), or None: a routed query below the
+        threshold gets it instead of the bare base model. It is not a row: no centroid routes to it."""
+        data = self.manifest.fallback
+        return None if data is None else ExpertRecord.from_dict(dict(data))
+
     def get(self, expert: str) -> ExpertRecord:
-        """The record of an expert, by expert id or by repo id.
+        """The record of an expert, by expert id or by repo id (the fallback expert's too).
 
         Raises:
             ExpertNotFoundError: no such expert in this registry.
         """
+        fallback = self.fallback
+        if fallback is not None and expert in (fallback.expert_id, fallback.repo_id):
+            return fallback
         if self._by_id is None or self._by_repo is None:
             self._by_id = {record.expert_id: record for record in self.experts}
             self._by_repo = {record.repo_id: record for record in self.experts}
@@ -516,6 +526,27 @@ def update_registry(registry_id: str, mutate: Mutation, *, commit_message: str, 
             _SNAPSHOTS[(endpoint, registry_id, sha)] = _Snapshot(planned.manifest, tuple(planned.rows))
     return Registry(registry_id, sha, planned.manifest, planned.rows, endpoint=endpoint, token=token,
                     size=planned.size)
+
+
+def update_manifest(registry_id: str, change: Callable[[RegistryManifest], RegistryManifest], *,
+                    commit_message: str, endpoint: str | None = None, token: str | bool | None = None,
+                    max_retries: int = DEFAULT_MAX_RETRIES) -> str:
+    """Replace the registry's manifest by ``change(manifest)`` in one conflict-safe commit (rows untouched).
+
+    ``change`` is called again on the fresh head whenever another writer committed first, so it must be
+    a pure function of the manifest. Returns the new commit sha (the head when nothing changed).
+    """
+    endpoint = resolve_endpoint(endpoint)
+    api = get_api(endpoint, token)
+
+    def plan() -> WritePlan:
+        head = _head_sha(api, registry_id)
+        before = read_manifest(registry_id, head, endpoint=endpoint, token=token)
+        after = change(before)
+        return WritePlan(head, after, [] if after == before else [manifest_operation(after)], None, -1)
+
+    _, sha = commit_plan(api, registry_id, plan, commit_message=commit_message, max_retries=max_retries)
+    return sha
 
 
 def upsert_expert(record: ExpertRecord) -> Mutation:

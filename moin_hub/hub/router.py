@@ -42,6 +42,14 @@ class Route:
         (``(similarity - sim_mean) / sim_std``), or None when its row has no statistics."""
         return self.expert.calibrated(self.similarity)
 
+    def clears(self, threshold: float | None) -> bool:
+        """True when ``threshold`` is None or this route reaches it: its calibrated :attr:`score` where the
+        expert's row has similarity statistics, else its cosine similarity."""
+        if threshold is None:
+            return True
+        score = self.score
+        return (self.similarity if score is None else score) >= threshold
+
     def to_dict(self) -> dict[str, object]:
         score = self.score
         return {

@@ -330,15 +330,20 @@ def expert_dirs(workdir: str | os.PathLike) -> dict[str, Path]:
 
 def push_all(workdir: str | os.PathLike, *, registry: str, namespace: str, repo_prefix: str = "moin-",
              create_registry: bool = True, description: str = "", private: bool = False,
-             endpoint: str | None = None, token: str | bool | None = None, progress: bool = True) -> list[Any]:
+             endpoint: str | None = None, token: str | bool | None = None, progress: bool = True,
+             fallback_seed: bool = False) -> list[Any]:
     """Push every finished expert of a workspace into a registry (created if missing), one bar for all.
 
     Expert ``topic-03`` goes to the model repo ``<namespace>/<repo_prefix><registry name>-topic-03``.
     Pushing again updates the experts' repos and rows; experts already pushed are not lost when a
-    later one fails (each push is complete on its own).
+    later one fails (each push is complete on its own). With ``fallback_seed``, branch-train's seed
+    (``WORKDIR/seed``) is pushed last as the registry's fallback expert (see ``push_expert(fallback=True)``).
 
     Returns:
-        The :class:`PushResult` of each expert.
+        The :class:`PushResult` of each expert (the seed's last).
+
+    Raises:
+        MoinHubError: no trained experts, or ``fallback_seed`` without a finished seed.
     """
     from ..hub.push import push_expert
     from ..hub.registry import init_registry
@@ -348,6 +353,10 @@ def push_all(workdir: str | os.PathLike, *, registry: str, namespace: str, repo_
     experts = expert_dirs(workdir)
     if not experts:
         raise MoinHubError(f"No trained experts in {workdir / EXPERTS_DIR}.", hint="Run `moin-hub train` first.")
+    seed_dir = workdir / SEED_ID
+    if fallback_seed and not is_finished(seed_dir):
+        raise MoinHubError(f"No finished seed in {seed_dir}.",
+                           hint="Train with --seed-fraction > 0 (branch-train) to have a seed to push.")
     endpoint = resolve_endpoint(endpoint)
     if create_registry:
         init_registry(registry, base_model=workspace.base_model.repo_id, base_revision=workspace.base_model.revision,
@@ -359,6 +368,10 @@ def push_all(workdir: str | os.PathLike, *, registry: str, namespace: str, repo_
     for expert_id, folder in tqdm(experts.items(), desc="Pushing experts", unit="expert", disable=not progress):
         results.append(push_expert(folder, registry=registry, repo_id=f"{namespace}/{repo_prefix}{name}-{expert_id}",
                                    private=private, endpoint=endpoint, token=token))
+    if fallback_seed:
+        results.append(push_expert(seed_dir, registry=registry, repo_id=f"{namespace}/{repo_prefix}{name}-{SEED_ID}",
+                                   expert_id=SEED_ID, private=private, endpoint=endpoint, token=token,
+                                   fallback=True))
     plots = workdir / "plots"
     if plots.is_dir() and any(plots.glob("*.png")):
         from ..hub.registry_plots import publish_plots

@@ -180,7 +180,9 @@ class ExpertEngine(BatchedGeneration):
         """
         start = time.perf_counter()
         route = self._router.route(query, k=max(k, 1 + self.prefetch_count))
-        mixture = plan_mixture(route, mode=mode, k=k, temperature=temperature, mass=mass, threshold=threshold)
+        fallback = self._registry.fallback
+        mixture = plan_mixture(route, mode=mode, k=k, temperature=temperature, mass=mass, threshold=threshold,
+                               fallback=None if fallback is None else fallback.expert_id)
         if self.prefetch_count:
             chosen = set(mixture.experts)
             runners = [r.expert for r in route.routes if r.expert.expert_id not in chosen]

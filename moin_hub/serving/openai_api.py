@@ -21,7 +21,7 @@ from ..errors import (
     UnsafeFileError,
     UpstreamError,
 )
-from ..hub.mixing import MODES
+from ..hub.mixing import MODES, Mixture
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 AUTO_MODEL = "moin:auto"
 BASE_MODEL = "moin:base"
 MODE_MODELS = {f"moin:{mode}": mode for mode in MODES}
+
+#: A routed request: the mixture of experts it gets, and the ``moin`` object that describes it.
+Route = tuple[Mixture, dict[str, Any]]
 
 
 class Sampling(BaseModel):
@@ -72,7 +75,7 @@ class RouteRequest(BaseModel):
     input: str | list[str]
     mode: str | None = None
     k: int | None = Field(default=None, ge=1, le=64)
-    threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
+    threshold: float | None = Field(default=None, allow_inf_nan=False)  # a z-score or, without statistics, a cosine
 
 
 def held_back(text: str, stops: Sequence[str]) -> int:

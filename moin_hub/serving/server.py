@@ -20,7 +20,7 @@ model, each row with its own expert (PEFT's per-row ``adapter_names``: the base 
 LoRA update applies to its rows). Requests for a weighted mixture of several experts batch with requests for
 the same mixture.
 
-Generation is a :class:`Backend`'s: :class:`EngineBackend` (the default, above) or
+Generation is a :class:`Backend`'s: :class:`~moin_hub.serving.engine_backend.EngineBackend` (the default, above) or
 :class:`~moin_hub.serving.vllm_backend.VllmBackend` (``--backend vllm``: the routed experts are loaded into vLLM
 servers and the requests forwarded there). The API, routing, ``moin`` object and errors are this app's, the
 same for both.
@@ -34,15 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import math
 import secrets
 import threading
 import time
-import uuid
 from collections.abc import Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -50,10 +47,9 @@ from .._version import __version__
 from ..errors import EmptyQueryError, MoinHubError
 from ..hub.config import ExpertRecord
 from ..hub.mixing import MODES, Mixture
-from .batching import ExpertBatcher, Job
 from .engine import ExpertEngine
-from .generation import Completion, truncate_at_stop
-from .metrics import ServerMetrics, render_metrics
+from .engine_backend import EngineBackend
+from .metrics import ServerMetrics
 from .openai_api import (
     AUTO_MODEL,
     BASE_MODEL,
@@ -61,12 +57,12 @@ from .openai_api import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    Route,
     RouteRequest,
     Sampling,
     _text_of,
     api_error,
     expert_entry,
-    held_back,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,7 +75,9 @@ class ServeConfig:
     Args:
         mode: routing mode of ``moin:auto`` (``top1``, ``topk`` or ``adaptive``).
         k / temperature / mass: mixing settings (see :func:`moin_hub.hub.mixing.mix_weights`).
-        threshold: below this best similarity a routed request gets the base model (None: never).
+        threshold: below this best score a routed request gets the base model: the calibrated z-score where
+            the expert's row has similarity statistics, else the cosine (None: the registry's calibrated
+            ``default_threshold``; without one, never).
         max_batch_size: most requests run together in one batch.
         batch_window_ms: how long the batcher waits for more requests of an expert before running a batch.
         max_tokens_limit: the largest ``max_tokens`` a request may ask for.
@@ -105,8 +103,8 @@ class ServeConfig:
         from ..hub.mixing import mix_weights
 
         mix_weights([1.0], mode=self.mode, k=self.k, temperature=self.temperature, mass=self.mass)  # validates
-        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be between -1 and 1, got {self.threshold!r}.")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ValueError(f"threshold must be a finite number, got {self.threshold!r}.")
         for name in ("max_batch_size", "max_tokens_limit", "max_prompt_chars"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -154,164 +152,6 @@ class Backend(Protocol):
 
     def metrics_text(self, metrics: ServerMetrics) -> str:
         """The Prometheus text of ``/metrics``."""
-
-
-#: A routed request: the mixture of experts it gets, and the ``moin`` object that describes it.
-Route = tuple[Mixture, dict[str, Any]]
-
-
-def _usage(outputs: Sequence[Completion]) -> dict[str, int]:
-    prompt = sum(o.prompt_tokens for o in outputs)
-    completion = sum(len(o.token_ids) for o in outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-class EngineBackend:
-    """Generation on moin-hub's own engine: one base model in this process, requests batched across experts
-    by an :class:`~moin_hub.serving.batching.ExpertBatcher` (the default backend of `moin-hub serve`)."""
-
-    name = "engine"
-
-    def __init__(self, engine: ExpertEngine):
-        self.engine = engine
-        self._batcher: ExpertBatcher | None = None
-
-    async def start(self, config: ServeConfig, metrics: ServerMetrics) -> None:
-        self._batcher = ExpertBatcher(self.engine, max_batch_size=config.max_batch_size,
-                                      window_ms=config.batch_window_ms, on_batch=metrics.batch_sizes.observe)
-
-    async def stop(self) -> None:
-        if self._batcher is not None:
-            self._batcher.close()
-            self._batcher = None
-        self.engine.close()
-
-    def _submit(self, job: Job) -> Future:
-        """Hand a job to the batcher."""
-        if self._batcher is None:
-            raise RuntimeError("the server is not started")
-        return self._batcher.submit(job)
-
-    async def _run(self, mixture: Mixture, prompt_ids: list[int], max_tokens: int, stop: tuple[str, ...],
-                   req: Sampling) -> Completion:
-        job = Job(mixture, prompt_ids, max_tokens, req.temperature, req.top_p, stop, req.seed)
-        return await asyncio.wrap_future(self._submit(job))
-
-    async def completions(self, req: CompletionRequest, prompts: list[str], routes: list[Route], max_tokens: int,
-                          stop: tuple[str, ...]) -> Any:
-        from starlette.concurrency import run_in_threadpool
-
-        if req.stream:
-            mixture, moin = routes[0]
-            ids = await run_in_threadpool(self.engine.encode, prompts[0], reserve=max_tokens)
-            return self._stream("completion", req, mixture, moin, ids, max_tokens, stop)
-        tasks = []
-        for prompt, (mixture, _) in zip(prompts, routes, strict=True):
-            ids = await run_in_threadpool(self.engine.encode, prompt, reserve=max_tokens)
-            tasks.append(self._run(mixture, ids, max_tokens, stop, req))
-        outputs = await asyncio.gather(*tasks)
-        choices = [{"index": i, "text": o.text, "finish_reason": o.finish_reason, "logprobs": None,
-                    "moin": routes[i][1]} for i, o in enumerate(outputs)]
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model, "choices": choices, "usage": _usage(outputs), "moin": routes[0][1]}
-
-    async def chat(self, req: ChatRequest, messages: list[dict[str, str]], route: Route, max_tokens: int,
-                   stop: tuple[str, ...]) -> Any:
-        from starlette.concurrency import run_in_threadpool
-
-        mixture, moin = route
-        ids = await run_in_threadpool(self.engine.encode_chat, messages, reserve=max_tokens)
-        if req.stream:
-            return self._stream("chat", req, mixture, moin, ids, max_tokens, stop)
-        output = await self._run(mixture, ids, max_tokens, stop, req)
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": req.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text},
-                             "finish_reason": output.finish_reason, "logprobs": None}],
-                "usage": _usage([output]), "moin": moin}
-
-    def _stream(self, kind: str, req: Sampling, mixture: Mixture, moin: dict[str, Any], prompt_ids: list[int],
-                max_tokens: int, stops: tuple[str, ...]) -> Any:
-        """Server-sent events as OpenAI streams them: chunks of new text, a last chunk with the finish reason,
-        then ``[DONE]``. Stop strings are honoured across chunks; a client that goes away stops generation."""
-        from fastapi.responses import StreamingResponse
-
-        loop = asyncio.get_running_loop()
-        tokens: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-
-        def push(token: int | None) -> None:
-            loop.call_soon_threadsafe(tokens.put_nowait, token)
-
-        job = Job(mixture, prompt_ids, max_tokens, req.temperature, req.top_p, (), req.seed, on_token=push,
-                  cancel=cancel)
-        future = self._submit(job)
-        future.add_done_callback(lambda _: push(None))
-        ident, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
-        tokenizer = self.engine.tokenizer
-
-        def chunk(text: str, finish: str | None, *, first: bool = False) -> str:
-            if kind == "chat":
-                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            body = {"id": ident, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                    "created": created, "model": req.model, "choices": [choice]}
-            if first:
-                body["moin"] = moin
-            return f"data: {json.dumps(body)}\n\n"
-
-        async def events() -> Any:
-            new_ids: list[int] = []
-            sent, finish = "", None
-            try:
-                yield chunk("", None, first=True)
-                while (token := await tokens.get()) is not None:
-                    if token == tokenizer.eos_token_id:
-                        continue
-                    new_ids.append(token)
-                    text, stopped = truncate_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True), stops)
-                    safe = text if stopped else text[: len(text) - held_back(text, stops)]
-                    if len(safe) > len(sent):
-                        yield chunk(safe[len(sent):], None)
-                        sent = safe
-                    if stopped:
-                        cancel.set()
-                        finish = "stop"
-                        break
-                if finish is None:
-                    try:
-                        result = await asyncio.wrap_future(future)
-                    except Exception as err:  # noqa: BLE001 - the stream has begun: the error is its last event
-                        yield f"data: {json.dumps(api_error(err).body())}\n\n"
-                        return
-                    final, stopped = truncate_at_stop(result.text, stops)
-                    if len(final) > len(sent):
-                        yield chunk(final[len(sent):], None)
-                    finish = "stop" if stopped else result.finish_reason
-                yield chunk("", finish)
-                yield "data: [DONE]\n\n"
-            finally:
-                cancel.set()
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    def experts_view(self, records: Sequence[ExpertRecord]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        cache = self.engine.cache_info()
-        loaded = {(s["repo_id"], s["revision"]): s for s in cache["loaded"]}
-        states = []
-        for record in records:
-            slot = loaded.get((record.repo_id, record.revision))
-            states.append({"loaded": slot is not None, "pinned": bool(slot and slot["pinned"]),
-                           "in_use": slot["in_use"] if slot else 0})
-        return states, {k: v for k, v in cache.items() if k != "loaded"}
-
-    def health(self) -> dict[str, Any]:
-        return {"loaded": len(self.engine.cached_experts()), "base_model_loaded": self.engine._base is not None}
-
-    def metrics_text(self, metrics: ServerMetrics) -> str:
-        return render_metrics(self.engine, metrics, self._batcher.pending() if self._batcher else 0)
 
 
 # ------------------------------------------------------------------------------------------ the app
@@ -413,6 +253,10 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None, *, backe
     for kind in (MoinHubError, ValueError, RuntimeError, Exception):
         app.add_exception_handler(kind, on_known)
 
+    def threshold_of(given: float | None) -> float | None:
+        """The threshold a route applies: the one given, else the registry's calibrated default (or None)."""
+        return given if given is not None else engine.registry.manifest.default_threshold
+
     def check_sampling(req: Sampling) -> tuple[int, tuple[str, ...]]:
         if req.n != 1:
             raise ApiError(400, "Only n=1 is supported.", param="n", code="unsupported")
@@ -442,13 +286,15 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None, *, backe
             mode = config.mode if model == AUTO_MODEL else MODE_MODELS[model]
             start = time.perf_counter()
             plan = engine.plan(query, mode=mode, k=config.k, temperature=config.temperature, mass=config.mass,
-                               threshold=config.threshold)
+                               threshold=threshold_of(config.threshold))
             metrics.route_seconds.observe(time.perf_counter() - start)
             sims = {r.expert.expert_id: r for r in plan.route.routes}
             experts = [{**expert_entry(sims[e].expert, w), "similarity": round(sims[e].similarity, 6)}
+                       if e in sims else expert_entry(registry.get(e), w)  # the fallback expert: no similarity
                        for e, w in zip(plan.mixture.experts, plan.mixture.weights, strict=True)]
             best = plan.route.best
-            return plan.mixture, {**info, "mode": mode, "experts": experts, "route_ms": round(plan.route_ms, 3),
+            shown = "fallback" if plan.mixture.mode == "fallback" else mode
+            return plan.mixture, {**info, "mode": shown, "experts": experts, "route_ms": round(plan.route_ms, 3),
                                   "best": {"expert_id": best.expert.expert_id,
                                            "similarity": round(best.similarity, 6)}}
         record = registry.get(model)  # ExpertNotFoundError -> 404 model_not_found
@@ -496,7 +342,7 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None, *, backe
         mode = req.mode or config.mode
         if mode not in MODES:
             raise ApiError(400, f"mode must be one of {', '.join(MODES)}; got {mode!r}.", param="mode")
-        threshold = req.threshold if req.threshold is not None else config.threshold
+        threshold = threshold_of(req.threshold if req.threshold is not None else config.threshold)
 
         def plan_all() -> list[dict[str, Any]]:
             out = []
@@ -515,10 +361,13 @@ def create_app(engine: ExpertEngine, config: ServeConfig | None = None, *, backe
     @app.get("/v1/experts")
     async def experts() -> Any:
         registry = engine.registry
-        states, cache = backend.experts_view(registry.experts)
+        fallback = registry.fallback
+        records = [*registry.experts, *([fallback] if fallback else [])]
+        states, cache = backend.experts_view(records)
         data = [{"id": record.expert_id, "object": "expert", "repo_id": record.repo_id,
-                 "revision": record.revision, "keywords": list(record.keywords), "n_docs": record.n_docs, **state}
-                for record, state in zip(registry.experts, states, strict=True)]
+                 "revision": record.revision, "keywords": list(record.keywords), "n_docs": record.n_docs,
+                 "role": "fallback" if record is fallback else "expert", **state}
+                for record, state in zip(records, states, strict=True)]
         return {"object": "list", "registry": registry.registry_id, "registry_revision": registry.revision,
                 "base_model": engine.base_model.to_dict(), "backend": backend.name, "data": data, "cache": cache}
 

@@ -14,6 +14,7 @@ Nothing here imports gradio: the UI lives in :mod:`moin_hub.serving.space_app`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -32,10 +33,13 @@ from .engine import ExpertEngine
 
 logger = logging.getLogger(__name__)
 
-#: Below this cosine similarity a query matches no expert and the base model answers. MiniLM
-#: similarities of on-topic queries to topic centroids are ~0.13-0.6; greetings, arithmetic or code
-#: questions against the Brown demo experts score ~0.04-0.07.
+#: Below this cosine similarity a query matches no expert and the base model answers, for a registry
+#: without a calibrated ``default_threshold`` (``moin-hub registry calibrate --write`` sets one, on
+#: calibrated scores). MiniLM similarities of on-topic queries to topic centroids are ~0.13-0.6;
+#: greetings, arithmetic or code questions against the Brown demo experts score ~0.04-0.07.
 DEFAULT_THRESHOLD = 0.1
+#: Example queries the Space offers, drawn from the registry's experts.
+MAX_EXAMPLES = 4
 #: Longest text (characters) the Space accepts in any box.
 MAX_INPUT_CHARS = 4000
 DEFAULT_MAX_NEW_TOKENS = 48
@@ -74,6 +78,8 @@ class SpaceRoute:
     result: RouteResult
     threshold: float
     latency_ms: float
+    calibrated: bool = True  # the threshold applies to calibrated scores where rows have them (else cosine)
+    fallback: ExpertRecord | None = None  # the registry's fallback expert, for queries below the threshold
 
     @property
     def routes(self) -> tuple[Route, ...]:
@@ -85,13 +91,21 @@ class SpaceRoute:
 
     @property
     def matched(self) -> bool:
-        """True if the best expert's similarity reaches the threshold."""
-        return self.result.best.similarity >= self.threshold
+        """True if the best expert reaches the threshold: its calibrated score where its row has similarity
+        statistics and the threshold is calibrated, else its cosine similarity."""
+        best = self.result.best
+        return best.clears(self.threshold) if self.calibrated else best.similarity >= self.threshold
+
+    @property
+    def on_score(self) -> bool:
+        """True when the threshold was compared with the best route's calibrated score (not its cosine)."""
+        return self.calibrated and self.result.best.score is not None
 
     @property
     def expert(self) -> ExpertRecord | None:
-        """The chosen expert, or None when the base model answers."""
-        return self.best.expert if self.matched else None
+        """The chosen expert: the best route's, below the threshold the registry's fallback expert, or None
+        when the base model answers."""
+        return self.best.expert if self.matched else self.fallback
 
 
 @dataclass(frozen=True)
@@ -187,7 +201,10 @@ class SpaceEngine(ExpertEngine):
     Args:
         registry / revision / endpoint / token / base_model / cache_size / device: as in
             :class:`~moin_hub.serving.engine.ExpertEngine`.
-        threshold: the similarity below which the base model answers.
+        threshold: below it the base model answers; compared with a route's calibrated score where the
+            expert's row has similarity statistics, else with its cosine (as ``route`` and ``serve`` do).
+            Default: the registry's calibrated ``default_threshold``, else :data:`DEFAULT_THRESHOLD` on
+            the cosine.
         max_new_tokens_limit: the most tokens one request may generate.
         max_input_chars: the longest text accepted.
 
@@ -199,18 +216,66 @@ class SpaceEngine(ExpertEngine):
 
     def __init__(self, registry: str | Registry, *, revision: str | None = None, endpoint: str | None = None,
                  token: str | bool | None = None, base_model: str | None = None,
-                 threshold: float = DEFAULT_THRESHOLD, cache_size: int = DEFAULT_CACHE_SIZE,
+                 threshold: float | None = None, cache_size: int = DEFAULT_CACHE_SIZE,
                  max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT, max_input_chars: int = MAX_INPUT_CHARS,
                  device: str | None = None):
-        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not -1.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be a number between -1 and 1, got {threshold!r}.")
+        if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)
+                                      or not math.isfinite(threshold)):
+            raise ValueError(f"threshold must be a finite number, got {threshold!r}.")
         super().__init__(registry, revision=revision, endpoint=endpoint, token=token, base_model=base_model,
                          cache_size=cache_size, device=device)
-        self.threshold = float(threshold)
+        self._threshold = None if threshold is None else float(threshold)
+        self._examples: list[str] | None = None
         self.max_new_tokens_limit = int(max_new_tokens_limit)
         self.max_input_chars = int(max_input_chars)
 
     # ----------------------------------------------------------------------------------------- routing
+
+    @property
+    def threshold(self) -> float:
+        """The threshold in force: the one given, else the registry's calibrated default, else the cosine
+        :data:`DEFAULT_THRESHOLD` (followed as the registry moves)."""
+        if self._threshold is not None:
+            return self._threshold
+        default = self.registry.manifest.default_threshold
+        return DEFAULT_THRESHOLD if default is None else default
+
+    @property
+    def threshold_calibrated(self) -> bool:
+        """False only when the default cosine threshold is in force (no threshold given, none calibrated)."""
+        return self._threshold is not None or self.registry.manifest.default_threshold is not None
+
+    def example_queries(self, limit: int = MAX_EXAMPLES) -> list[str]:
+        """Example queries from the registry: the start of a sample document of each of its largest experts
+        (their ``moin_expert.json`` at the pinned commit), else their keywords. Computed once.
+
+        Never raises for a missing or unreadable file: an expert without samples offers its keywords.
+        """
+        if self._examples is None:
+            from ..hub.cards import example_prompt
+
+            experts = sorted(self.registry, key=lambda r: (-r.n_docs, r.expert_id))[:limit]
+            examples = []
+            for record in experts:
+                prompt = example_prompt(self._samples(record), list(record.keywords))
+                if prompt not in examples:
+                    examples.append(prompt)
+            self._examples = examples
+        return list(self._examples)
+
+    def _samples(self, record: ExpertRecord) -> list[str]:
+        from huggingface_hub import hf_hub_download
+
+        from ..hub.config import EXPERT_METADATA_FILENAME, ExpertMetadata
+
+        try:
+            path = hf_hub_download(record.repo_id, EXPERT_METADATA_FILENAME, revision=record.revision,
+                                   endpoint=self.endpoint, token=self._token)
+            with open(path, encoding="utf-8") as handle:
+                return ExpertMetadata.from_dict(json.load(handle)).samples
+        except Exception as err:  # noqa: BLE001 - an example is optional: fall back to the keywords
+            logger.info("no samples for %s: %s", record.expert_id, err)
+            return []
 
     def route(self, query: str, *, k: int = 3) -> SpaceRoute:
         """Route ``query`` to its ``k`` nearest experts.
@@ -222,7 +287,8 @@ class SpaceEngine(ExpertEngine):
         text = check_text(query, limit=self.max_input_chars)
         start = time.perf_counter()
         result = self._router.route(text, k=k)
-        return SpaceRoute(result, self.threshold, (time.perf_counter() - start) * 1000)
+        return SpaceRoute(result, self.threshold, (time.perf_counter() - start) * 1000,
+                          calibrated=self.threshold_calibrated, fallback=self.registry.fallback)
 
     # ----------------------------------------------------------------------------------------- generation
 
@@ -278,8 +344,8 @@ class SpaceEngine(ExpertEngine):
         route = route or self.route(text)
         base_model, tokenizer = self._load_base()
         slot = None
-        if route.matched:
-            slot, _ = self._acquire(route.best.expert)
+        if route.expert is not None:
+            slot, _ = self._acquire(route.expert)
         try:
             device = next(base_model.parameters()).device
             prompt_ids = torch.tensor([self._prompt_ids(text, n_new, chat)], device=device)

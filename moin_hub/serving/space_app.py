@@ -22,7 +22,6 @@ from ..errors import MoinHubError
 from .space import (
     DEFAULT_CACHE_SIZE,
     DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_THRESHOLD,
     SpaceEngine,
     SpaceRoute,
     TokenScores,
@@ -31,7 +30,7 @@ from .space import (
 
 logger = logging.getLogger(__name__)
 
-ROUTE_HEADERS = ["rank", "expert", "similarity", "match", "keywords", "card"]
+ROUTE_HEADERS = ["rank", "expert", "similarity", "score", "match", "keywords", "card"]
 BROWSE_HEADERS = ["expert", "keywords", "docs", "tokens", "base ppl", "expert ppl", "change %", "size kB",
                   "LoRA", "commit", "card"]
 SCORE_HEADERS = ["position", "token", "base nll", "expert nll", "expert - base"]
@@ -76,7 +75,7 @@ moin-hub space --registry {registry}            # http://127.0.0.1:7860
 | Registry | [`{registry}`]({endpoint}/datasets/{registry}) @ `{revision}` ({n_experts} experts) |
 | Base model | `{base_model}` |
 | Embedder | `{embedder}` @ `{embedder_revision}` ({dim}-d, cosine) |
-| No-match threshold | similarity < {threshold:.2f} falls back to the base model |
+| No-match threshold | {threshold} falls back to the base model |
 | Adapter cache | {cache_size} adapters (LRU) |
 | Limits | {max_chars:,} characters of input, {max_tokens} new tokens |
 """
@@ -106,9 +105,28 @@ def _link(engine: SpaceEngine, repo_id: str) -> str:
 
 
 def route_rows(engine: SpaceEngine, route: SpaceRoute) -> list[list[Any]]:
-    """Table rows of a route: rank, expert, similarity, bar, keywords, card link."""
-    return [[r.rank + 1, r.expert.expert_id, round(r.similarity, 4), bar(r.similarity),
+    """Table rows of a route: rank, expert, similarity, calibrated score (None without statistics), bar,
+    keywords, card link."""
+    return [[r.rank + 1, r.expert.expert_id, round(r.similarity, 4),
+             None if r.score is None else round(r.score, 3), bar(r.similarity),
              ", ".join(r.expert.keywords[:6]), _link(engine, r.expert.repo_id)] for r in route.routes]
+
+
+def threshold_text(engine: SpaceEngine) -> str:
+    """The threshold in force, in words: on calibrated scores (where rows have statistics) or on the cosine."""
+    if not engine.threshold_calibrated:
+        return f"similarity < {engine.threshold:.2f} (cosine; the registry has no calibrated threshold)"
+    origin = "set here" if engine._threshold is not None else "the registry's, from `registry calibrate`"
+    return (f"score < {engine.threshold:+.2f} ({origin}): the z-score of the cosine against the expert's own "
+            "documents, or the cosine where its row has no statistics")
+
+
+def _closeness(route: SpaceRoute) -> str:
+    """How the best route compares with the threshold: its calibrated score, or its cosine."""
+    best = route.best
+    if route.on_score:
+        return f"score {best.score:+.2f}, similarity {best.similarity:.3f}"
+    return f"similarity {best.similarity:.3f}"
 
 
 def route_status(engine: SpaceEngine, route: SpaceRoute) -> str:
@@ -119,10 +137,13 @@ def route_status(engine: SpaceEngine, route: SpaceRoute) -> str:
     if route.matched:
         record = best.expert
         title = f" — {record.title}" if record.title else ""
-        return (f"→ **{record.expert_id}**{title} (similarity {best.similarity:.3f})  \n"
+        return (f"→ **{record.expert_id}**{title} ({_closeness(route)})  \n"
                 f"Card: [{record.repo_id}]({engine.expert_url(record)}) @ `{record.revision[:12]}`  \n{latency}")
-    return (f"**No expert matches this query well**: the nearest, `{best.expert.expert_id}`, has similarity "
-            f"{best.similarity:.3f} < threshold {route.threshold:.2f}. Generation falls back to the base model.  \n"
+    instead = ("the base model" if route.fallback is None else
+               f"the registry's fallback expert **{route.fallback.expert_id}** (trained on every topic)")
+    return (f"**No expert matches this query well**: the nearest, `{best.expert.expert_id}`, has "
+            f"{_closeness(route)}, below the threshold {route.threshold:+.2f}. Generation falls back to "
+            f"{instead}.  \n"
             f"{latency}")
 
 
@@ -164,11 +185,11 @@ def score_highlights(scores: TokenScores) -> list[tuple[str, float]]:
 def score_summary(scores: TokenScores) -> str:
     base, expert = scores.base_ppl, scores.expert_ppl
     note = "" if scores.route.matched else (
-        f" (below the threshold {scores.route.threshold:.2f}: the router would answer with the base model)")
+        f" (below the threshold {scores.route.threshold:+.2f}: the router would answer with the base model)")
     cut = "  \nOnly the first tokens were scored (the text is longer than the limit)." if scores.truncated else ""
     return (f"Perplexity of your text over {len(scores.tokens)} tokens: **base {base:.2f}** vs "
             f"**expert `{scores.expert_id}` {expert:.2f}** ({100 * (expert / base - 1):+.1f}%); nearest expert by "
-            f"similarity {scores.route.best.similarity:.3f}{note}.{cut}")
+            f"{_closeness(scores.route)}{note}.{cut}")
 
 
 def about_markdown(engine: SpaceEngine) -> str:
@@ -177,7 +198,7 @@ def about_markdown(engine: SpaceEngine) -> str:
     base = engine.base_model_label or f"{engine.base_model.repo_id}@{engine.base_model.revision[:12]}"
     return ABOUT.format(registry=registry.registry_id, endpoint=engine.endpoint, revision=registry.revision[:12],
                         n_experts=len(registry), base_model=base, embedder=embedder.repo_id,
-                        embedder_revision=embedder.revision[:12], dim=embedder.dim, threshold=engine.threshold,
+                        embedder_revision=embedder.revision[:12], dim=embedder.dim, threshold=threshold_text(engine),
                         cache_size=engine.cache_info()["capacity"], max_chars=engine.max_input_chars,
                         max_tokens=engine.max_new_tokens_limit)
 
@@ -259,11 +280,12 @@ def build_app(engine: SpaceEngine | str, **engine_kwargs: Any) -> Any:
                     k = gr.Slider(1, 10, value=3, step=1, label="top-k experts", elem_id="route-k")
                     route_button = gr.Button("Route", variant="primary", elem_id="route-button")
             route_md = gr.Markdown(elem_id="route-status")
-            route_table = gr.Dataframe(headers=ROUTE_HEADERS, datatype=["number", "str", "number", "str", "str",
-                                                                        "markdown"],
+            route_table = gr.Dataframe(headers=ROUTE_HEADERS, datatype=["number", "str", "number", "number", "str",
+                                                                        "str", "markdown"],
                                        interactive=False, label="Nearest experts", elem_id="route-table")
-            gr.Examples([["How long should bread dough rise before baking?"],
-                         ["Who scored the winning goal in the final?"]], inputs=[query])
+            examples = engine.example_queries()
+            if examples:  # the start of a sample document of the registry's largest experts
+                gr.Examples([[text] for text in examples], inputs=[query], label="Examples from the registry")
             route_button.click(on_route, [query, k], [route_md, route_table], api_name="route")
             query.submit(on_route, [query, k], [route_md, route_table], api_visibility="private")
         with gr.Tab("Generate", id="generate"):
@@ -328,20 +350,21 @@ def launch(engine: SpaceEngine, *, host: str = "127.0.0.1", port: int = 7860, sh
     return app
 
 
-def env_threshold(value: str | None) -> float:
-    """``MOIN_THRESHOLD`` as a float (default :data:`DEFAULT_THRESHOLD`).
+def env_threshold(value: str | None) -> float | None:
+    """``MOIN_THRESHOLD`` as a float, or None when unset (the registry's calibrated default applies, else
+    :data:`~moin_hub.serving.space.DEFAULT_THRESHOLD` on the cosine).
 
     Raises:
-        ValueError: the value is not a number in [-1, 1].
+        ValueError: the value is not a finite number.
     """
     if value is None or not value.strip():
-        return DEFAULT_THRESHOLD
+        return None
     try:
         number = float(value)
     except ValueError:
-        raise ValueError(f"MOIN_THRESHOLD must be a number between -1 and 1, got {value!r}.") from None
-    if not (-1.0 <= number <= 1.0) or math.isnan(number):
-        raise ValueError(f"MOIN_THRESHOLD must be a number between -1 and 1, got {value!r}.")
+        raise ValueError(f"MOIN_THRESHOLD must be a number, got {value!r}.") from None
+    if not math.isfinite(number):
+        raise ValueError(f"MOIN_THRESHOLD must be a finite number, got {value!r}.")
     return number
 
 

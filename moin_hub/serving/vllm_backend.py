@@ -44,8 +44,8 @@ from ..hub.mixing import Mixture
 from ..hub.registry import Registry
 from .engine import EngineStats, ExpertEngine
 from .metrics import ServerMetrics, _label, render_metrics
-from .openai_api import ApiError, ChatRequest, CompletionRequest, Sampling, api_error
-from .server import Route, ServeConfig
+from .openai_api import ApiError, ChatRequest, CompletionRequest, Route, Sampling, api_error
+from .server import ServeConfig
 from .upstreams import (
     LORA_PREFIX,
     VLLM_DEFAULT_MAX_LORAS,

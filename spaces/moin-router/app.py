@@ -5,7 +5,8 @@ Configured by environment only, so this same file runs on huggingface.co and aga
     MOIN_REGISTRY     the registry dataset repo (default below, as in README.md's `datasets:`)
     HF_ENDPOINT       the Hub to read from (default huggingface.co; read by huggingface_hub)
     MOIN_BASE_MODEL   optional: serve the experts on this base model instead of the registry's
-    MOIN_THRESHOLD    optional: similarity below which the base model answers (default 0.1)
+    MOIN_THRESHOLD    optional: score below which the base model answers (default: the registry's
+                      calibrated threshold, else cosine 0.1)
     HF_TOKEN          optional secret for private repos (read by huggingface_hub, never printed)
 
 Gradio reads GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (set by Spaces); locally it serves 127.0.0.1:7860.
