@@ -42,9 +42,10 @@ def fakes():
             app.stop()
 
 
-def _serve(hub, registry_id, urls, *, max_loras=4, timeout=30.0, **config):
+def _serve(hub, registry_id, urls, *, max_loras=4, timeout=30.0, vllm=None, **config):
     engine = ExpertEngine(registry_id, endpoint=hub.url)
-    backend = VllmBackend(engine, VllmConfig(upstreams=tuple(urls), max_loras=max_loras, timeout=timeout))
+    backend = VllmBackend(engine, VllmConfig(upstreams=tuple(urls), max_loras=max_loras, timeout=timeout,
+                                             **(vllm or {})))
     return start_server(engine, ServeConfig(refresh_seconds=0, **config), backend=backend), backend
 
 
@@ -72,15 +73,20 @@ def test_config_checks_itself():
         VllmConfig(upstreams=("http://a:1",), max_loras=0)
     with pytest.raises(ValueError, match="timeout"):
         VllmConfig(upstreams=("http://a:1",), timeout=float("nan"))
+    with pytest.raises(ValueError, match="max_lora_rank"):
+        VllmConfig(upstreams=("http://a:1",), max_lora_rank=0)
+    assert VllmConfig(upstreams=("http://a:1",), mixture_dir="rel/dir").mixture_folder().is_absolute()
     for bad in ("localhost:8000", "ftp://a", "http://a:1/?x=1", "http://a:99999"):
         with pytest.raises(ValueError, match="upstream"):
             normalize_upstream_url(bad)
 
 
-def test_the_cli_default_is_the_backends():
+def test_the_cli_defaults_are_the_backends():
     from moin_hub.cli import serve
+    from moin_hub.serving.upstreams import VLLM_DEFAULT_MAX_LORA_RANK
 
     assert serve.VLLM_DEFAULT_MAX_LORAS == VLLM_DEFAULT_MAX_LORAS
+    assert serve.VLLM_DEFAULT_MAX_LORA_RANK == VLLM_DEFAULT_MAX_LORA_RANK == 16  # vLLM's default
 
 
 def test_pick_upstream_prefers_a_holder_then_the_least_loaded():
@@ -237,9 +243,6 @@ def test_upstream_failures_are_openai_errors(hub, topic_registry, fakes):
     server, backend = _serve(hub, topic_registry, [up.url], timeout=1.0)
     with server:
         client = _client(server)
-        with pytest.raises(openai.BadRequestError, match="not yet served on vLLM") as err:
-            client.completions.create(model="moin:topk", prompt=QUERIES["cooking"], max_tokens=2)
-        assert err.value.body["code"] == "unsupported"
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="no-such-expert", prompt="hi", max_tokens=2)
 
@@ -275,6 +278,30 @@ def test_upstream_failures_are_openai_errors(hub, topic_registry, fakes):
         health = json.loads(raw_request(server.url, "GET", "/health")[2])
         assert health["status"] == "degraded" and health["upstreams"][0]["reachable"] is False
         assert all(u.in_flight == 0 for u in backend.upstreams)
+
+
+@pytest.mark.e2e
+def test_a_mixture_is_merged_once_and_served_as_its_own_adapter(hub, topic_registry, fakes, tmp_path):
+    (fake, up), = fakes[:1]
+    mixtures = tmp_path / "mixtures"
+    # temperature 1: the three experts get weights of the same order, so all three are merged (ranks 3 x 4)
+    server, backend = _serve(hub, topic_registry, [up.url], temperature=1.0, vllm={"mixture_dir": str(mixtures)})
+    with server:
+        client = _client(server)
+        first = client.completions.create(model="moin:topk", prompt=QUERIES["football"], max_tokens=3)
+        moin = first.model_extra["moin"]
+        assert moin["mode"] == "topk" and len(moin["experts"]) == 3
+        (merged,) = fake.loads
+        assert merged.startswith("moin-mix-") and first.choices[0].text.startswith(f"<{merged}>")
+        assert fake.loras[merged] == str(mixtures / merged)  # the merged folder, where vLLM reads it
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (mixtures / merged).iterdir()}
+        again = client.completions.create(model="moin:topk", prompt=QUERIES["football"], max_tokens=3)
+        assert again.choices[0].text == first.choices[0].text and fake.loads == [merged]  # merged and loaded once
+    server, _ = _serve(hub, topic_registry, [up.url], temperature=1.0,
+                       vllm={"mixture_dir": str(mixtures), "max_lora_rank": 8})
+    with server, pytest.raises(openai.BadRequestError, match="rank 12") as err:
+        _client(server).completions.create(model="moin:topk", prompt=QUERIES["cooking"], max_tokens=3)
+    assert err.value.body["code"] == "mixture_rank_too_large"
 
 
 @pytest.mark.e2e
@@ -317,8 +344,7 @@ def test_the_command_refuses_options_its_backend_ignores():
     cases = {
         ("--backend", "vllm"): "needs --upstream",
         ("--backend", "vllm", "--upstream", "http://a:1", "--cache-size", "3", "--pin", "x"): "--cache-size, --pin",
-        ("--backend", "vllm", "--upstream", "http://a:1", "--mode", "topk"): "not yet served on vLLM",
-        ("--upstream", "http://a:1"): "only for --backend vllm",
+        ("--upstream", "http://a:1", "--mixture-dir", "/tmp/m"): "--upstream, --mixture-dir: only for --backend vllm",
     }
     for args, message in cases.items():
         result = runner.invoke(cli, ["serve", "--registry", "org/reg", *args])

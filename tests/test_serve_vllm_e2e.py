@@ -5,7 +5,8 @@ q/v). Two vLLM OpenAI servers run from vLLM's own environment: ``$MOIN_VLLM_PYTH
 ``.venv-vllm/bin/python`` (``make vllm`` creates it). Without it these tests skip, and fail where the
 environment variable ``CI`` is set.
 
-(a) the same expert gives the same greedy tokens through the vLLM backend as through moin-hub's own engine;
+(a) the same expert (and the same topk mixture of both, merged into one LoRA for vLLM) gives the same greedy
+tokens through the vLLM backend as through moin-hub's own engine;
 (b) affinity over two upstreams: requests for an expert go where it is loaded, and it is loaded once.
 """
 
@@ -151,19 +152,25 @@ def _client(url: str):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=300)
 
 
-def test_an_expert_gives_the_same_greedy_tokens_on_vllm_as_on_the_own_engine(hub, smollm_registry, upstreams):
+def test_an_expert_gives_the_same_greedy_tokens_on_vllm_as_on_the_own_engine(hub, smollm_registry, upstreams,
+                                                                             tmp_path):
     registry_id = smollm_registry[0]
     prompt = "The weather today"
+    # mixing temperature 1: a topk mixture of both experts with weights of the same order (ranks 4 + 4 = 8)
+    config = ServeConfig(refresh_seconds=0, k=2, temperature=1.0)
     own_engine = ExpertEngine(registry_id, endpoint=hub.url)
-    with start_server(own_engine, ServeConfig(refresh_seconds=0)) as own:
+    with start_server(own_engine, config) as own:
         expected = {e: _client(own.url).completions.create(model=e, prompt=prompt, max_tokens=16, temperature=0)
                     for e in EXPERTS}
         chat = [{"role": "user", "content": QUERIES["cooking"]}]
         expected_chat = _client(own.url).chat.completions.create(model="cooking", messages=chat, max_tokens=16,
                                                                  temperature=0)
+        expected_mix = _client(own.url).completions.create(model="moin:topk", prompt=QUERIES["cooking"],
+                                                           max_tokens=16, temperature=0)
     engine = ExpertEngine(registry_id, endpoint=hub.url)
-    backend = VllmBackend(engine, VllmConfig(upstreams=(upstreams[0],), max_loras=MAX_LORAS))
-    with start_server(engine, ServeConfig(refresh_seconds=0), backend=backend) as server:
+    backend = VllmBackend(engine, VllmConfig(upstreams=(upstreams[0],), max_loras=MAX_LORAS, max_lora_rank=8,
+                                             mixture_dir=str(tmp_path / "mixtures")))
+    with start_server(engine, config, backend=backend) as server:
         client = _client(server.url)
         for expert in EXPERTS:
             got = client.completions.create(model=expert, prompt=prompt, max_tokens=16, temperature=0)
@@ -180,6 +187,12 @@ def test_an_expert_gives_the_same_greedy_tokens_on_vllm_as_on_the_own_engine(hub
                                            temperature=0)
         assert routed.model_extra["moin"]["experts"][0]["expert_id"] == "football"
         assert _loras(upstreams[0]) >= {lora_name(engine.registry.get(e)) for e in EXPERTS}
+        # a topk mixture of both experts, merged into one LoRA on vLLM, PEFT's weighted "cat" adapter here
+        mix = client.completions.create(model="moin:topk", prompt=QUERIES["cooking"], max_tokens=16, temperature=0)
+        assert [e["expert_id"] for e in mix.model_extra["moin"]["experts"]] == ["cooking", "football"]
+        assert mix.model_extra["moin"]["experts"] == expected_mix.model_extra["moin"]["experts"]
+        assert mix.choices[0].text == expected_mix.choices[0].text
+        assert any(name.startswith("moin-mix-") for name in _loras(upstreams[0]))
 
 
 def _unload_all(url: str) -> None:

@@ -8,11 +8,13 @@ import click
 
 from ._common import endpoint_option, examples, registry_option, token_option
 
-#: vLLM's default --max-loras (kept here so that --help does not import the serving stack).
+#: vLLM's defaults of --max-loras and --max-lora-rank (here so that --help does not import the serving stack).
 VLLM_DEFAULT_MAX_LORAS = 1
+VLLM_DEFAULT_MAX_LORA_RANK = 16
 #: Options that only moin-hub's own engine uses.
 _ENGINE_ONLY = ("cache_size", "cache_bytes", "pins", "prefetch", "base_model", "device", "batch_window_ms")
-_VLLM_ONLY = ("upstreams", "upstream_max_loras", "upstream_timeout", "upstream_api_key")
+_VLLM_ONLY = ("upstreams", "upstream_max_loras", "upstream_max_lora_rank", "mixture_dir", "upstream_timeout",
+              "upstream_api_key")
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -101,6 +103,13 @@ class ByteSize(click.ParamType):
 @click.option("--upstream-max-loras", default=VLLM_DEFAULT_MAX_LORAS, show_default=True, type=click.IntRange(1),
               help="vllm: adapters each upstream holds at once; give the upstreams' --max-loras. The least "
                    "recently used idle adapter is unloaded to make room.")
+@click.option("--upstream-max-lora-rank", default=VLLM_DEFAULT_MAX_LORA_RANK, show_default=True,
+              type=click.IntRange(1),
+              help="vllm: the upstreams' --max-lora-rank. A topk/adaptive mixture is merged into one LoRA whose rank "
+                   "is its experts' ranks summed; one over this is refused (400).")
+@click.option("--mixture-dir", default=None, type=click.Path(file_okay=False),
+              help="vllm: where merged mixtures are kept, once each; the upstreams read them there "
+                   "(default: the moin-hub cache's vllm-mixtures).")
 @click.option("--upstream-timeout", default=300.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="vllm: seconds to wait for an upstream's answer (and for room for an adapter).")
 @click.option("--upstream-api-key", default=None, envvar="MOIN_UPSTREAM_API_KEY", show_envvar=True,
@@ -111,7 +120,8 @@ def command(ctx: click.Context, registry: str, revision: str | None, endpoint: s
             cache_size: int, cache_bytes: int | None, pins: tuple[str, ...], prefetch: int, max_batch_size: int,
             batch_window_ms: float, max_tokens_limit: int, base_model: str | None, device: str | None,
             refresh_seconds: float, api_key: str | None, backend: str, upstreams: tuple[str, ...],
-            upstream_max_loras: int, upstream_timeout: float, upstream_api_key: str | None) -> None:
+            upstream_max_loras: int, upstream_max_lora_rank: int, mixture_dir: str | None, upstream_timeout: float,
+            upstream_api_key: str | None) -> None:
     """Serve the registry's experts over an OpenAI-compatible HTTP API.
 
     \b
@@ -137,7 +147,7 @@ def command(ctx: click.Context, registry: str, revision: str | None, endpoint: s
     from ..serving.engine import ExpertEngine
     from ..serving.server import ServeConfig, create_app
 
-    _check_backend_options(ctx, backend, mode, upstreams)
+    _check_backend_options(ctx, backend, upstreams)
     config = ServeConfig(mode=mode, k=k, temperature=mix_temperature, mass=mass, threshold=threshold,
                          max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
                          max_tokens_limit=max_tokens_limit, api_key=api_key, refresh_seconds=refresh_seconds)
@@ -145,7 +155,8 @@ def command(ctx: click.Context, registry: str, revision: str | None, endpoint: s
         from ..serving.vllm_backend import VllmBackend, VllmConfig
 
         vllm_config = VllmConfig(upstreams=tuple(u for value in upstreams for u in value.split(",")),
-                                 max_loras=upstream_max_loras, timeout=upstream_timeout, api_key=upstream_api_key)
+                                 max_loras=upstream_max_loras, timeout=upstream_timeout, api_key=upstream_api_key,
+                                 max_lora_rank=upstream_max_lora_rank, mixture_dir=mixture_dir)
         engine = ExpertEngine(registry, revision=revision, endpoint=endpoint, token=token)
         click.echo(f"Registry {engine.registry.registry_id}@{engine.registry.revision[:12]} "
                    f"({len(engine.registry)} experts) on {engine.endpoint}")
@@ -170,7 +181,7 @@ def command(ctx: click.Context, registry: str, revision: str | None, endpoint: s
     uvicorn.run(create_app(engine, config), host=host, port=port, log_level="info")
 
 
-def _check_backend_options(ctx: click.Context, backend: str, mode: str, upstreams: tuple[str, ...]) -> None:
+def _check_backend_options(ctx: click.Context, backend: str, upstreams: tuple[str, ...]) -> None:
     """Refuse options the chosen backend would ignore, and a vLLM backend without upstreams."""
     def given(name: str) -> bool:
         source = ctx.get_parameter_source(name)
@@ -187,9 +198,6 @@ def _check_backend_options(ctx: click.Context, backend: str, mode: str, upstream
                                    "and its adapters; see --upstream-max-loras).")
         if not upstreams:
             raise click.UsageError("--backend vllm needs --upstream URL (a vLLM OpenAI server).")
-        if mode != "top1":
-            raise click.UsageError(f"--mode {mode}: mixtures of several experts are not yet served on vLLM; "
-                                   "use --mode top1.")
     else:
         ignored = [flag(n) for n in _VLLM_ONLY if given(n)]
         if ignored:

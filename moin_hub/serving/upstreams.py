@@ -32,14 +32,19 @@ from ..errors import UpstreamError
 from ..hub.config import ADAPTER_WEIGHTS_FILENAME
 from .cache import plan_evictions
 from .engine import EngineStats
+from .mixture_adapter import NAME_PREFIX as MIXTURE_PREFIX
 from .openai_api import ApiError
 
 logger = logging.getLogger(__name__)
 
 #: vLLM's own default of ``--max-loras`` (adapters in one batch), the default of ``VllmConfig.max_loras``.
 VLLM_DEFAULT_MAX_LORAS = 1
-#: Adapters moin-hub loads into an upstream are named with this prefix; others found there are left alone.
+#: vLLM's own default of ``--max-lora-rank``, the default of ``VllmConfig.max_lora_rank``.
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+#: Experts' adapters moin-hub loads into an upstream are named with this prefix, merged mixtures with
+#: ``moin-mix-``; adapters with other names found there are left alone.
 LORA_PREFIX = "moin:"
+OWN_PREFIXES = (LORA_PREFIX, MIXTURE_PREFIX)
 #: How long an upstream that failed is left alone before it is asked again (seconds).
 RETRY_SECONDS = 2.0
 
@@ -83,6 +88,10 @@ class VllmConfig:
         "help": "Seconds to wait for an upstream's answer, and for room for an adapter."})
     api_key: str | None = field(default=None, repr=False, metadata={
         "help": "Sent as `Authorization: Bearer` to the upstreams (their --api-key); never logged."})
+    max_lora_rank: int = field(default=VLLM_DEFAULT_MAX_LORA_RANK, metadata={
+        "help": "The upstreams' --max-lora-rank: a mixture that would merge above it is refused (400)."})
+    mixture_dir: str | None = field(default=None, metadata={
+        "help": "Where merged mixtures are kept (the upstreams read them there); default: the moin-hub cache."})
 
     def __post_init__(self) -> None:
         if isinstance(self.upstreams, str):
@@ -98,10 +107,21 @@ class VllmConfig:
         if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not (
                 math.isfinite(self.timeout) and self.timeout > 0):
             raise ValueError(f"timeout must be a number of seconds > 0, got {self.timeout!r}.")
+        if isinstance(self.max_lora_rank, bool) or not isinstance(self.max_lora_rank, int) or self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be a positive integer, got {self.max_lora_rank!r}.")
+        if self.mixture_dir is not None:
+            self.mixture_dir = str(Path(self.mixture_dir).expanduser().absolute())  # the upstreams read it
+
+    def mixture_folder(self) -> Path:
+        """Where merged mixtures are kept: ``mixture_dir``, else ``<moin-hub cache>/vllm-mixtures``."""
+        from ..hub.assets import cache_root
+
+        return Path(self.mixture_dir) if self.mixture_dir else cache_root() / "vllm-mixtures"
 
     def to_dict(self) -> dict[str, Any]:
         """The settings, without the API key."""
-        return {"upstreams": list(self.upstreams), "max_loras": self.max_loras, "timeout": self.timeout}
+        return {"upstreams": list(self.upstreams), "max_loras": self.max_loras, "timeout": self.timeout,
+                "max_lora_rank": self.max_lora_rank, "mixture_dir": self.mixture_dir}
 
 
 def pick_upstream(in_flight: Sequence[int], loaded: Sequence[int], holders: Collection[int],
@@ -293,7 +313,7 @@ class UpstreamPool:
             del upstream.adapters[name]  # gone there (a restart): loaded again when asked
         for name in listed:
             if name not in upstream.adapters:
-                upstream.adapters[name] = UpstreamAdapter(name, foreign=not name.startswith(LORA_PREFIX))
+                upstream.adapters[name] = UpstreamAdapter(name, foreign=not name.startswith(OWN_PREFIXES))
                 upstream.adapters.move_to_end(name, last=False)  # adopted as least recently used
         upstream.model, upstream.max_model_len = bases[0]["id"], bases[0].get("max_model_len")
         if len(bases) > 1:

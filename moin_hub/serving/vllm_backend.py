@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import json
 import logging
 import time
@@ -44,6 +43,7 @@ from ..hub.mixing import Mixture
 from ..hub.registry import Registry
 from .engine import EngineStats, ExpertEngine
 from .metrics import ServerMetrics, _label, render_metrics
+from .mixture_adapter import WEIGHT_DECIMALS, materialize_mixture, mixture_name
 from .openai_api import ApiError, ChatRequest, CompletionRequest, Route, Sampling, api_error
 from .server import ServeConfig
 from .upstreams import (
@@ -58,18 +58,10 @@ from .upstreams import (
     upstream_message,
 )
 
-__all__ = ["VLLM_DEFAULT_MAX_LORAS", "VllmBackend", "VllmConfig", "lora_name", "mixture_name",
-           "normalize_upstream_url", "pick_upstream"]
+__all__ = ["VLLM_DEFAULT_MAX_LORAS", "VllmBackend", "VllmConfig", "lora_name", "normalize_upstream_url",
+           "pick_upstream"]
 
 logger = logging.getLogger(__name__)
-
-MIXTURES_UNSUPPORTED = ("Mixtures of several experts (modes topk and adaptive) are not yet served on vLLM: "
-                        "use moin:top1 (or moin:auto with --mode top1), moin:base or an expert id.")
-
-#: Merges verified expert adapter folders with weights into one adapter folder (cached by the caller's
-#: implementation) and returns it: the hook through which mixtures would be served on vLLM.
-MergeMixture = Callable[[Sequence[Path], Sequence[float]], Path]
-
 
 def lora_name(record: ExpertRecord) -> str:
     """The name of an expert's adapter on an upstream: ``moin:<expert_id>@<first 12 of its commit>``.
@@ -84,13 +76,6 @@ def lora_name(record: ExpertRecord) -> str:
     return f"{LORA_PREFIX}{record.expert_id}@{record.revision[:12]}"
 
 
-def mixture_name(records: Sequence[ExpertRecord], weights: Sequence[float]) -> str:
-    """The name of a merged mixture's adapter: its experts and a digest of their commits and weights."""
-    digest = hashlib.sha256(json.dumps([[r.repo_id, r.revision, round(w, 6)] for r, w in
-                                        zip(records, weights, strict=True)]).encode()).hexdigest()[:12]
-    return f"{LORA_PREFIX}mix:{'+'.join(r.expert_id for r in records)}@{digest}"
-
-
 class _StaleAdapter(Exception):
     """The upstream no longer knows an adapter moin-hub loaded there (it restarted): load it again."""
 
@@ -100,9 +85,7 @@ class VllmBackend:
 
     Args:
         engine: routes (its registry, router, ``download``); its base model is never loaded.
-        config: the upstreams and their adapter capacity.
-        merge_mixture: merges a ``topk``/``adaptive`` mixture's verified adapter folders into one adapter
-            folder (see :data:`MergeMixture`); without it such mixtures are answered with a 400.
+        config: the upstreams, their adapter capacity and rank, where merged mixtures are kept.
 
     Example:
         >>> engine = ExpertEngine("acme/moin-registry")  # doctest: +SKIP
@@ -112,10 +95,9 @@ class VllmBackend:
 
     name = "vllm"
 
-    def __init__(self, engine: ExpertEngine, config: VllmConfig, *, merge_mixture: MergeMixture | None = None):
+    def __init__(self, engine: ExpertEngine, config: VllmConfig):
         self.engine = engine
         self.config = config
-        self.merge_mixture = merge_mixture
         self.stats = EngineStats()
         self.pool = UpstreamPool(config, self.stats)
 
@@ -138,25 +120,37 @@ class VllmBackend:
     # ----------------------------------------------------------------------------------------- forwarding
 
     def adapter_of(self, mixture: Mixture) -> tuple[str | None, Callable[[], Path] | None, str | None]:
-        """``(lora name, fetch, label)`` of a mixture: None for the base model; one expert's adapter; or, with
-        ``merge_mixture``, the merged adapter of several.
+        """``(lora name, fetch, label)`` of a mixture: None for the base model; one expert's adapter; several
+        experts merged once into one adapter folder (:func:`~moin_hub.serving.mixture_adapter.materialize_mixture`,
+        PEFT's ``cat``: the update is ``sum_i w_i * delta_i``, as on the own engine), kept in
+        ``config.mixture_dir`` and served as its own LoRA.
+
+        Experts whose weight rounds to 0 at the merge's precision (below 5e-5) are left out of a merge.
 
         Raises:
-            ApiError: 400 for a mixture of several experts while no ``merge_mixture`` is given.
+            ApiError: 400 when a merged mixture's rank (the sum of its experts') is over the upstreams'
+                ``max_lora_rank``.
         """
-        if not mixture.experts:
+        kept = [(e, w) for e, w in zip(mixture.experts, mixture.weights, strict=True) if round(w, WEIGHT_DECIMALS)]
+        if not kept:
             return None, None, None
-        records = [self.engine.registry.get(e) for e in mixture.experts]
+        records = [self.engine.registry.get(e) for e, _ in kept]
         if len(records) == 1:
             return lora_name(records[0]), functools.partial(self.engine.download, records[0]), records[0].expert_id
-        if self.merge_mixture is None:
-            raise ApiError(400, MIXTURES_UNSUPPORTED, param="model", code="unsupported")
-        merge, weights = self.merge_mixture, list(mixture.weights)
+        weights = [w for _, w in kept]
+        ranks = [r.lora_rank for r in records]
+        label = "+".join(r.expert_id for r in records)
+        if all(ranks) and sum(ranks) > self.config.max_lora_rank:
+            raise ApiError(400, f"The mixture {label} merges into a LoRA of rank {sum(ranks)} (its experts' ranks "
+                           f"summed), over the upstreams' --max-lora-rank {self.config.max_lora_rank}: ask for fewer "
+                           "experts (k), or start vLLM with a larger --max-lora-rank and pass it as "
+                           "--upstream-max-lora-rank.", param="model", code="mixture_rank_too_large")
+        folder, download, max_rank = self.config.mixture_folder(), self.engine.download, self.config.max_lora_rank
 
-        def fetch() -> Path:  # the one place where a merged mixture folder is plugged in
-            return merge([self.engine.download(r) for r in records], weights)
+        def fetch() -> Path:  # merged once per distinct mixture, from the experts' verified folders
+            return materialize_mixture(download, records, weights, folder, max_rank=max_rank).path
 
-        return mixture_name(records, weights), fetch, "+".join(r.expert_id for r in records)
+        return mixture_name(records, weights), fetch, label
 
     def _request_error(self, upstream: Upstream, path: str, status: int, text: str, adapter: bool) -> Exception:
         """The error of an upstream's error answer to a forwarded request."""
