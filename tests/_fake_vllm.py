@@ -141,11 +141,12 @@ class FakeVllm:
 class RunningApp:
     """An ASGI app served by uvicorn in a thread on a free loopback port."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: Any, port: int = 0):
         import uvicorn
 
         sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)

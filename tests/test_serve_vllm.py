@@ -305,6 +305,24 @@ def test_a_mixture_is_merged_once_and_served_as_its_own_adapter(hub, topic_regis
 
 
 @pytest.mark.e2e
+def test_an_upstream_that_is_not_up_yet_is_asked_again(hub, topic_registry):
+    port = free_port()
+    server, backend = _serve(hub, topic_registry, [f"http://127.0.0.1:{port}"])
+    with server:  # starts anyway (a warning in the log): vLLM may come up after moin-hub
+        client = _client(server)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.completions.create(model="cooking", prompt="hi", max_tokens=2)
+        assert err.value.status_code == 503 and "cannot be reached" in err.value.message
+        assert json.loads(raw_request(server.url, "GET", "/health")[2])["status"] == "degraded"
+        fake = FakeVllm()
+        with RunningApp(fake.app(), port=port):
+            time.sleep(2.1)  # an upstream that failed is asked again after RETRY_SECONDS
+            answer = client.completions.create(model="cooking", prompt="hi", max_tokens=2)
+        assert answer.choices[0].text.startswith(f"<{_name(backend.engine, 'cooking')}>")
+        assert fake.loads == [_name(backend.engine, "cooking")]
+
+
+@pytest.mark.e2e
 def test_an_upstream_that_lost_its_adapters_gets_them_again(hub, topic_registry, fakes):
     (fake, up), = fakes[:1]
     server, backend = _serve(hub, topic_registry, [up.url])

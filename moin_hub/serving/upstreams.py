@@ -188,6 +188,7 @@ class Upstream:
     in_flight: int = 0
     reachable: bool | None = None
     retry_at: float = 0.0
+    last_error: UpstreamError | None = field(default=None, repr=False)  # why it is not usable now
     requests: int = 0
     errors: int = 0
     loads: int = 0
@@ -262,6 +263,7 @@ class UpstreamPool:
             try:
                 await self._discover(upstream)
             except UpstreamError as err:  # serving starts anyway; requests ask it again
+                upstream.last_error = err
                 logger.warning("%s; requests will try it again", err)
 
     async def stop(self) -> None:
@@ -295,8 +297,9 @@ class UpstreamPool:
         upstream.model = None
         upstream.retry_at = time.monotonic() + RETRY_SECONDS
         detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-        return UpstreamError(upstream.url, f"cannot be reached ({type(err).__name__}{': ' + detail if detail else ''})",
-                             status=503)
+        upstream.last_error = UpstreamError(
+            upstream.url, f"cannot be reached ({type(err).__name__}{': ' + detail if detail else ''})", status=503)
+        return upstream.last_error
 
     async def _discover(self, upstream: Upstream) -> None:
         """Ask an upstream its base model and the adapters it holds (adopted: ours evictable, others not)."""
@@ -316,6 +319,7 @@ class UpstreamPool:
                 upstream.adapters[name] = UpstreamAdapter(name, foreign=not name.startswith(OWN_PREFIXES))
                 upstream.adapters.move_to_end(name, last=False)  # adopted as least recently used
         upstream.model, upstream.max_model_len = bases[0]["id"], bases[0].get("max_model_len")
+        upstream.last_error = None
         if len(bases) > 1:
             logger.warning("%s serves several base models; moin:base goes to %s", upstream.url, upstream.model)
 
@@ -328,11 +332,11 @@ class UpstreamPool:
                     await self._discover(upstream)
                 except UpstreamError as err:
                     upstream.retry_at = time.monotonic() + RETRY_SECONDS
-                    last = err
+                    upstream.last_error = last = err
         usable = [u for u in self.upstreams if u.model is not None]
-        if not usable:
-            raise last or UpstreamError(", ".join(self.config.upstreams), "failed moments ago; retrying shortly",
-                                        status=503)
+        if not usable:  # the newest failure, else the last one known (asked again after RETRY_SECONDS)
+            raise last or next((u.last_error for u in self.upstreams if u.last_error is not None),
+                               UpstreamError(", ".join(self.config.upstreams), "failed; asked again shortly", status=503))
         return usable
 
     # ----------------------------------------------------------------------------------------- adapters
