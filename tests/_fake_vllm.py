@@ -34,6 +34,8 @@ class FakeVllm:
     most_loaded: int = 0
     load_delay: float = 0.0
     generate_delay: float = 0.0
+    chunk_delay: float = 0.0  # between the chunks of a stream
+    streams_cut: int = 0  # streams whose client (moin-hub) went away before the end
     fail_status: int | None = None  # answer every generation request with this status
     fail_message: str = "boom"
     refuse_loads: bool = False
@@ -114,11 +116,16 @@ class FakeVllm:
                 return f"data: {json.dumps(data)}\n\n"
 
             async def events() -> Any:
-                if chat:
-                    yield chunk(None, None, role=True)
-                for i, word in enumerate(words):
-                    yield chunk(word if i == 0 else " " + word, None)
-                    await asyncio.sleep(0)
+                done = False
+                try:
+                    if chat:
+                        yield chunk(None, None, role=True)
+                    for i, word in enumerate(words):
+                        yield chunk(word if i == 0 else " " + word, None)
+                        await asyncio.sleep(self.chunk_delay)
+                    done = True
+                finally:
+                    self.streams_cut += not done
                 yield chunk(None, "length")
                 if (body.get("stream_options") or {}).get("include_usage"):
                     yield "data: " + json.dumps({"id": "cmpl-fake", "object": kind, "created": 0, "model": model,

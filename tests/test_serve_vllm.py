@@ -238,6 +238,23 @@ def test_streams_pass_through_with_the_moin_object(hub, topic_registry, fakes):
 
 
 @pytest.mark.e2e
+def test_a_client_that_leaves_a_stream_ends_the_upstream_request(hub, topic_registry, fakes):
+    (fake, up), = fakes[:1]
+    fake.chunk_delay = 0.2
+    server, backend = _serve(hub, topic_registry, [up.url])
+    with server:
+        stream = _client(server).completions.create(model="cooking", prompt=" ".join(["word"] * 40),
+                                                    max_tokens=40, stream=True)
+        next(iter(stream))
+        stream.close()  # after one chunk of a stream that would take ~8 s
+        deadline = time.monotonic() + 5
+        while fake.streams_cut == 0 or backend.upstreams[0].in_flight:
+            assert time.monotonic() < deadline, (fake.streams_cut, backend.upstreams[0].in_flight)
+            time.sleep(0.05)
+        assert backend.upstreams[0].adapters[_name(backend.engine, "cooking")].in_use == 0
+
+
+@pytest.mark.e2e
 def test_upstream_failures_are_openai_errors(hub, topic_registry, fakes):
     (fake, up), = fakes[:1]
     server, backend = _serve(hub, topic_registry, [up.url], timeout=1.0)
