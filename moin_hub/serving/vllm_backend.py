@@ -11,7 +11,8 @@ generation is elsewhere. :class:`VllmBackend`:
 3. loads it ONCE into an upstream with vLLM's runtime LoRA API (``POST /v1/load_lora_adapter``; the upstream
    runs with ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``) under the name
    :func:`lora_name`, and forwards the request with ``"model": <that name>`` (``moin:base``: the upstream's
-   base model); streams pass through as server-sent events.
+   base model); streams pass through as server-sent events. A ``topk``/``adaptive`` mixture is merged once into
+   one adapter folder (:func:`~moin_hub.serving.mixture_adapter.materialize_mixture`) and served like an expert.
 
 Several upstreams, adapter affinity, capacity and unloads are :mod:`moin_hub.serving.upstreams`'s
 (:class:`~moin_hub.serving.upstreams.UpstreamPool`): this module turns OpenAI requests into upstream requests
