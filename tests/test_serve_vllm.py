@@ -384,6 +384,10 @@ def test_the_command_refuses_options_its_backend_ignores():
     for args, message in cases.items():
         result = runner.invoke(cli, ["serve", "--registry", "org/reg", *args])
         assert result.exit_code == 2 and message in result.output, (args, result.output)
+    # an environment variable of the other backend is no error (it reaches the registry lookup, which fails)
+    result = runner.invoke(cli, ["serve", "--registry", "org/reg", "--endpoint", "http://127.0.0.1:9"],
+                           env={"MOIN_UPSTREAM_API_KEY": "sk-x", "MOIN_HUB_ATTEMPTS": "1"})
+    assert result.exit_code != 2 and "only for --backend vllm" not in result.output
 
 
 @pytest.mark.e2e

@@ -183,10 +183,8 @@ def command(ctx: click.Context, registry: str, revision: str | None, endpoint: s
 
 def _check_backend_options(ctx: click.Context, backend: str, upstreams: tuple[str, ...]) -> None:
     """Refuse options the chosen backend would ignore, and a vLLM backend without upstreams."""
-    def given(name: str) -> bool:
-        source = ctx.get_parameter_source(name)
-        return source is not None and source not in (click.core.ParameterSource.DEFAULT,
-                                                     click.core.ParameterSource.DEFAULT_MAP)
+    def given(name: str) -> bool:  # on the command line: an environment variable set for the other is fine
+        return ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
 
     def flag(name: str) -> str:
         return "--pin" if name == "pins" else "--upstream" if name == "upstreams" else f"--{name.replace('_', '-')}"
