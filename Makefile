@@ -13,9 +13,9 @@ export TOKENIZERS_PARALLELISM := false
 VLLM_VENV    ?= .venv-vllm
 VLLM_VERSION ?= 0.32.0
 VLLM_STAMP   := $(VLLM_VENV)/.moin-vllm-stamp
-# the e2e tests of `moin-hub serve --backend vllm` start vLLM servers with this Python; when the caller names
-# one in MOIN_VLLM_PYTHON, the test targets do not create $(VLLM_VENV)
-VLLM_DEP := $(if $(filter environment command,$(origin MOIN_VLLM_PYTHON)),,vllm)
+# the e2e tests (`serve --backend vllm`, the resolver plugin) start vLLM servers with this Python; the test
+# targets create $(VLLM_VENV) with the plugin in it, unless the caller names one in MOIN_VLLM_PYTHON
+VLLM_DEP := $(if $(filter environment command,$(origin MOIN_VLLM_PYTHON)),,vllm-plugin)
 export MOIN_VLLM_PYTHON ?= $(abspath $(VLLM_VENV))/bin/python
 
 .PHONY: help setup brown browser vllm vllm-plugin test test-slow test-all lint demo bench clean
@@ -81,8 +81,7 @@ test-all: setup browser $(VLLM_DEP)  ## every test, the slow ones included
 # (huggingface_hub, numpy, safetensors, jinja2). It then checks that the entry point is visible and that
 # importing the plugin loads no model library.
 # (VLLM_VENV and MOIN_VLLM_PYTHON, which tests/test_vllm_e2e.py uses too, are set at the top.)
-vllm-plugin:  ## install moin-hub's LoRA resolver plugin into $(VLLM_VENV) (no dependency of vLLM changes)
-	@test -x $(VLLM_VENV)/bin/python || { echo "no vLLM environment at $(VLLM_VENV): run \`make vllm\` (or set VLLM_VENV)"; exit 1; }
+vllm-plugin: $(VLLM_STAMP)  ## install moin-hub's LoRA resolver plugin into $(VLLM_VENV) (no dependency of vLLM changes)
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps 'pyarrow>=14'
 	@$(VLLM_VENV)/bin/python -c "import sys; from importlib.metadata import entry_points; \
