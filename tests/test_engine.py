@@ -144,6 +144,19 @@ def test_one_batch_serves_different_experts_row_by_row(engine):
                               max_new_tokens=[2, 2])
 
 
+def test_encode_does_not_wait_for_a_running_batch(engine):
+    """Requests are tokenized while a batch holds the engine's lock, so they are queued before the batch ends."""
+    import threading
+
+    engine.warm_up()
+    encoded: list[list[int]] = []
+    with engine._lock:  # what a running batch holds for its whole generate
+        worker = threading.Thread(target=lambda: encoded.append(engine.encode("Knead the dough")), daemon=True)
+        worker.start()
+        worker.join(timeout=10)
+        assert encoded and encoded[0] == engine.tokenizer("Knead the dough")["input_ids"]
+
+
 def test_sampling_is_reproducible_with_a_seed(engine):
     prompt = [engine.encode(QUERIES["astronomy"])]
     mixture = Mixture(("astronomy",), (1.0,), "top1")
