@@ -8,9 +8,12 @@ q_proj/v_proj, random non-zero weights) pushed into a registry. All through moin
 Measured in one run, and compared as ratios:
 
 1. Throughput of a stream of requests (greedy, --new-tokens each) over --experts cached experts, round robin,
-   vs the same stream all on one expert: (a) one request at a time through the engine; (b) --concurrency
-   clients at once through the HTTP server with the real `openai` client, where the batcher puts requests
-   for different experts into one forward batch (PEFT per-row adapters). Target: mixed >= 0.8x single.
+   vs the same stream all on one expert: (a) one request at a time through the engine; (b) batches of
+   --concurrency requests through the engine (the cost of a mixed forward batch, gathered per-row LoRA, apart
+   from how requests fall into batches); (c) --concurrency clients at once through the HTTP server with the
+   real `openai` client, where the batcher puts requests for different experts into one forward batch; the
+   mean batch size of each stream is printed. (b) and (c) run --rounds times, single and mixed taking turns;
+   the figures are medians. Target: mixed >= 0.8x single for (a) and (c).
 2. Switching: a warm switch (``set_adapter`` to a cached expert) vs a cold load (download at the pinned
    commit + sha256 verification + ``load_adapter``, fresh HF cache) vs reloading base + adapter per request
    (base model from the local disk cache + ``PeftModel.from_pretrained``: what a server without an
@@ -42,6 +45,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=32, help="Requests per stream.")
     parser.add_argument("--new-tokens", type=int, default=16, help="Tokens generated per request.")
     parser.add_argument("--concurrency", type=int, default=8, help="Clients at once in the HTTP streams.")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="Rounds of the batched and HTTP streams (single and mixed take turns); medians reported.")
     parser.add_argument("--switches", type=int, default=200, help="Warm switches timed.")
     parser.add_argument("--reloads", type=int, default=3, help="Base + adapter reloads timed.")
     parser.add_argument("--json", type=Path, default=None)
@@ -86,7 +91,26 @@ def main() -> int:
         single_seq = statistics.median(engine_stream(cached[:1]) for _ in range(2))
         mixed_seq = statistics.median(engine_stream(cached) for _ in range(2))
 
-        # -- 1b. concurrent clients through the HTTP server (openai client)
+        # -- 1b. batches of --concurrency requests through the engine
+        def engine_batches(experts: list[str]) -> float:
+            tokens = 0
+            start = time.perf_counter()
+            for first in range(0, args.requests, args.concurrency):
+                rows = range(first, min(first + args.concurrency, args.requests))
+                out = engine.generate_batch([engine.encode(prompts[i % len(prompts)]) for i in rows],
+                                            [Mixture((experts[i % len(experts)],), (1.0,), "top1") for i in rows],
+                                            max_new_tokens=[args.new_tokens] * len(rows))
+                tokens += sum(len(o.token_ids) for o in out)
+            return tokens / (time.perf_counter() - start)
+
+        engine_batches(cached)  # warm the gathered per-row path
+        batched: dict[str, list[float]] = {"single": [], "mixed": []}
+        for _ in range(args.rounds):
+            batched["single"].append(engine_batches(cached[:1]))
+            batched["mixed"].append(engine_batches(cached))
+        single_batched, mixed_batched = (statistics.median(batched[k]) for k in ("single", "mixed"))
+
+        # -- 1c. concurrent clients through the HTTP server (openai client)
         import openai
 
         config = ServeConfig(max_batch_size=args.concurrency, batch_window_ms=10, max_tokens_limit=256)
@@ -116,9 +140,15 @@ def main() -> int:
                     1, after["batches"] - before["batches"])
                 return sum(tokens) / seconds, mean_batch
 
-            http_stream(cached[:1])  # warm
-            single_http, single_batch = http_stream(cached[:1])
-            mixed_http, mixed_batch = http_stream(cached)
+            http_stream(cached[:1])  # warm both paths (one active adapter; gathered per-row LoRA)
+            http_stream(cached)
+            http: dict[str, list[tuple[float, float]]] = {"single": [], "mixed": []}
+            for _ in range(args.rounds):
+                http["single"].append(http_stream(cached[:1]))
+                http["mixed"].append(http_stream(cached))
+        single_http, mixed_http = (statistics.median(t for t, _ in http[k]) for k in ("single", "mixed"))
+        single_batch, mixed_batch = (statistics.median(b for _, b in http[k]) for k in ("single", "mixed"))
+        http_ratios = [m[0] / s[0] for s, m in zip(http["single"], http["mixed"], strict=True)]
 
         # -- 2. switching
         a, b = cached[0], cached[1]
@@ -157,7 +187,7 @@ def main() -> int:
     warm_ms = statistics.median(warm) * 1000
     cold_ms = statistics.median(cold_loads) * 1000
     reload_ms = statistics.median(reloads) * 1000
-    seq_ratio, http_ratio = mixed_seq / single_seq, mixed_http / single_http
+    seq_ratio, batched_ratio, http_ratio = mixed_seq / single_seq, mixed_batched / single_batched, mixed_http / single_http
     cold_ratio, reload_ratio = cold_ms / warm_ms, reload_ms / warm_ms
     targets = {"mixed_engine": seq_ratio >= 0.8, "mixed_http": http_ratio >= 0.8, "cold": cold_ratio >= 20,
                "reload": reload_ratio >= 10}
@@ -169,11 +199,18 @@ def main() -> int:
         ("engine, one at a time: single expert", f"{single_seq:.1f} tok/s"),
         (f"engine, one at a time: {args.experts} experts round robin",
          f"{mixed_seq:.1f} tok/s  (x{seq_ratio:.2f}; target >= 0.8: {met(targets['mixed_engine'])})"),
+        (f"engine, batches of {args.concurrency}: single expert", f"{single_batched:.1f} tok/s  "
+                                                                   f"(median of {args.rounds})"),
+        (f"engine, batches of {args.concurrency}: {args.experts} experts round robin",
+         f"{mixed_batched:.1f} tok/s  (x{batched_ratio:.2f})"),
         (f"HTTP, {args.concurrency} clients: single expert", f"{single_http:.1f} tok/s  "
-                                                             f"(mean batch {single_batch:.1f})"),
+                                                             f"(mean batch {single_batch:.1f}; median of {args.rounds})"),
         (f"HTTP, {args.concurrency} clients: {args.experts} experts round robin",
          f"{mixed_http:.1f} tok/s  (mean batch {mixed_batch:.1f}; x{http_ratio:.2f}; "
          f"target >= 0.8: {met(targets['mixed_http'])})"),
+        ("HTTP rounds: mixed/single, mean batch single/mixed",
+         "; ".join(f"x{r:.2f} {s[1]:.1f}/{m[1]:.1f}"
+                   for r, s, m in zip(http_ratios, http["single"], http["mixed"], strict=True))),
         ("warm switch (set_adapter, cached)", f"{warm_ms:.3f} ms  (median of {len(warm)})"),
         ("cold load (download + verify + load_adapter)",
          f"{cold_ms:.1f} ms  (median of {len(cold_loads)}; x{cold_ratio:.0f} the warm switch; target >= 20: "
@@ -185,8 +222,10 @@ def main() -> int:
     print_table("serving many experts", rows)
     if args.json:
         args.json.write_text(json.dumps({
-            "single_engine_tok_s": single_seq, "mixed_engine_tok_s": mixed_seq, "single_http_tok_s": single_http,
-            "mixed_http_tok_s": mixed_http, "mean_batch_single": single_batch, "mean_batch_mixed": mixed_batch,
+            "single_engine_tok_s": single_seq, "mixed_engine_tok_s": mixed_seq,
+            "single_engine_batched_tok_s": batched["single"], "mixed_engine_batched_tok_s": batched["mixed"],
+            "single_http_tok_s": single_http, "mixed_http_tok_s": mixed_http, "mean_batch_single": single_batch,
+            "mean_batch_mixed": mixed_batch, "http_rounds": http,
             "warm_switch_s": warm, "cold_load_s": cold_loads, "reload_s": reloads, **results}, indent=2))
     return exit_code(targets.values())
 

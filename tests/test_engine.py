@@ -144,6 +144,32 @@ def test_one_batch_serves_different_experts_row_by_row(engine):
                               max_new_tokens=[2, 2])
 
 
+def test_a_rows_greedy_tokens_do_not_depend_on_its_batch_companions(engine):
+    """A request gets the same tokens alone, in a batch of its own expert (one active adapter) and in a batch of
+    other experts (gathered per-row LoRA): the server may put it in any of them."""
+    prompt = engine.encode(QUERIES["cooking"])
+    others = [engine.encode(QUERIES[t] + " and more") for t in TOPICS]
+    cooking = Mixture(("cooking",), (1.0,), "top1")
+    alone = engine.generate_batch([prompt], cooking, max_new_tokens=[8])[0].token_ids
+    same_expert = engine.generate_batch([*others, prompt], cooking, max_new_tokens=[8] * 4)[-1].token_ids
+    mixed = engine.generate_batch([*others, prompt], [*(Mixture((t,), (1.0,), "top1") for t in TOPICS), cooking],
+                                  max_new_tokens=[8] * 4)[-1].token_ids
+    assert alone == same_expert == mixed and len(alone) > 0
+
+
+def test_encode_does_not_wait_for_a_running_batch(engine):
+    """Requests are tokenized while a batch holds the engine's lock, so they are queued before the batch ends."""
+    import threading
+
+    engine.warm_up()
+    encoded: list[list[int]] = []
+    with engine._lock:  # what a running batch holds for its whole generate
+        worker = threading.Thread(target=lambda: encoded.append(engine.encode("Knead the dough")), daemon=True)
+        worker.start()
+        worker.join(timeout=10)
+        assert encoded and encoded[0] == engine.tokenizer("Knead the dough")["input_ids"]
+
+
 def test_sampling_is_reproducible_with_a_seed(engine):
     prompt = [engine.encode(QUERIES["astronomy"])]
     mixture = Mixture(("astronomy",), (1.0,), "top1")

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 
 import pytest
 from huggingface_hub import constants
 
 from moin_hub.hub.mixing import Mixture
-from moin_hub.serving.batching import ExpertBatcher, Job, next_batch
+from moin_hub.serving.batching import ExpertBatcher, Job, batch_deadline, next_batch
 from moin_hub.serving.engine import ExpertEngine
 from moin_hub.serving.server import ServeConfig, start_server
 from tests._helpers import QUERIES, TOPICS, free_port
@@ -326,6 +327,49 @@ def test_metrics_are_prometheus_text(server, client):
     assert values['moin_route_latency_seconds_bucket{le="+Inf"}'] == values["moin_route_latency_seconds_count"]
     assert values['moin_requests_total{path="/v1/completions",status="200"}'] >= 1
     assert "# TYPE moin_tokens_per_second gauge" in text and API_KEY not in text
+
+
+def test_batch_deadline_waits_after_a_batch_for_the_clients_it_answered():
+    assert batch_deadline(100.0, 0.01, last_end=float("-inf"), last_seconds=0.0) == 100.01  # first batch
+    assert batch_deadline(100.0, 0.01, last_end=50.0, last_seconds=4.0) == 100.01  # idle since: the window only
+    # queued at 96 during a 4 s batch that ended at 100: not at once, but the window + 5% of 4 s after its end
+    assert batch_deadline(96.0, 0.01, last_end=100.0, last_seconds=4.0) == pytest.approx(100.21)
+    assert batch_deadline(96.0, 0.01, last_end=100.0, last_seconds=4.0, settle_share=0.0) == pytest.approx(100.01)
+    with pytest.raises(ValueError, match="settle_share"):
+        ExpertBatcher(None, settle_share=2)  # type: ignore[arg-type]
+
+
+def test_a_request_queued_during_a_batch_waits_for_the_clients_that_batch_answers():
+    """Closed-loop clients: B arrives while A's batch runs; A's client sends C as soon as A is answered. B and C
+    run together (B alone at once, then C alone, is how a stream of 8 clients fell into batches of 5 and 3)."""
+    started, release = threading.Event(), threading.Event()
+    batches: list[list[int]] = []
+
+    class Gated:
+        def generate_batch(self, prompts, mixtures, **kwargs):
+            batches.append([p[0] for p in prompts])
+            started.set()
+            if len(batches) == 1:
+                release.wait(30)
+            return [f"out-{p[0]}" for p in prompts]
+
+    batcher = ExpertBatcher(Gated(), max_batch_size=8, window_ms=20, settle_share=1.0)  # type: ignore[arg-type]
+    try:
+        def job(tag: int) -> Job:
+            return Job(Mixture(("x" if tag % 2 else "y",), (1.0,), "top1"), [tag], 2)
+
+        first = batcher.submit(job(1))
+        assert started.wait(30)
+        queued = batcher.submit(job(2))
+        time.sleep(0.5)  # B's own window has passed long before A's batch ends
+        release.set()
+        assert first.result(timeout=30) == "out-1"
+        time.sleep(0.05)  # a round trip later (the batcher waits 20 ms + 100% of A's 0.5 s batch)
+        following = batcher.submit(job(3))  # A's client, answered, asks again
+        assert queued.result(timeout=30) == "out-2" and following.result(timeout=30) == "out-3"
+        assert batches == [[1], [2, 3]]
+    finally:
+        batcher.close()
 
 
 def test_a_failing_batch_answers_every_request_with_the_error():

@@ -79,9 +79,10 @@ class ByteSize(click.ParamType):
               help="Runner-up experts of each route to fetch in the background (downloaded; loaded while the "
                    "cache has room).")
 @click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(1, 256),
-              help="Most requests for one expert run in one batch.")
+              help="Most requests in one batch (they may be for different experts).")
 @click.option("--batch-window-ms", default=5.0, show_default=True, type=click.FloatRange(0, 1000),
-              help="How long to wait for more requests of an expert before running a batch.")
+              help="How long to wait for more requests before running a batch that is not full (right after a "
+                   "batch, also 5% of its run time, for the clients it answered).")
 @click.option("--max-tokens", "max_tokens_limit", default=512, show_default=True, type=click.IntRange(1, 32768),
               help="The largest max_tokens a request may ask for.")
 @click.option("--base-model", default=None, metavar="ORG/NAME[@REV]",

@@ -197,6 +197,14 @@ class ExpertEngine(BatchedGeneration):
         self._load_base()
 
     def _load_base(self) -> tuple[Any, Any]:
+        """The base model and its tokenizer, loaded on first use.
+
+        Once loaded they are read without the engine's lock: the lock is held for the whole of a running batch,
+        and a request that only needs the tokenizer (``encode``) must not wait for that batch to end, or it
+        misses the batcher's window and the next batch runs without it.
+        """
+        if self._base is not None:  # published last, after the tokenizer (below)
+            return self._base, self._tokenizer
         with self._lock:
             if self._base is not None:
                 return self._base, self._tokenizer
@@ -223,7 +231,8 @@ class ExpertEngine(BatchedGeneration):
             if override:
                 self.base_model_label += f" (override of {manifest_base.repo_id})"
                 logger.warning("Serving experts of %s on the base model %s", manifest_base.repo_id, override)
-            self._base, self._tokenizer = model, tokenizer
+            self._tokenizer = tokenizer
+            self._base = model  # last: a reader without the lock that sees the model sees the tokenizer
             return model, tokenizer
 
     @property

@@ -79,7 +79,8 @@ class ServeConfig:
             the expert's row has similarity statistics, else the cosine (None: the registry's calibrated
             ``default_threshold``; without one, never).
         max_batch_size: most requests run together in one batch.
-        batch_window_ms: how long the batcher waits for more requests of an expert before running a batch.
+        batch_window_ms: how long the batcher waits for more requests before running a batch that is not full
+            (right after a batch, also a share of its run time: :func:`~moin_hub.serving.batching.batch_deadline`).
         max_tokens_limit: the largest ``max_tokens`` a request may ask for.
         max_prompt_chars: the longest prompt (or chat) accepted, in characters.
         api_key: when set, requests must send ``Authorization: Bearer <api_key>`` (it is never logged).
