@@ -400,9 +400,10 @@ def test_browser_routes_a_query_and_shows_the_table(space, tmp_path):
             # the visible cells are ARIA grid cells (Gradio also renders a hidden sizing copy of the rows)
             table.get_by_role("gridcell").filter(has_text="astronomy").first.wait_for(timeout=60_000)
             page.screenshot(path=str(screenshot), full_page=True)
-            first_row = [table.get_by_test_id(f"cell-0-{col}").inner_text().strip() for col in range(4)]
+            first_row = [table.get_by_test_id(f"cell-0-{col}").inner_text().strip() for col in range(5)]
         finally:
             browser.close()
     assert screenshot.is_file() and screenshot.stat().st_size > 10_000
-    assert first_row[:2] == ["1", "astronomy"] and float(first_row[2]) > 0.3 and "█" in first_row[3]
+    assert first_row[:2] == ["1", "astronomy"] and float(first_row[2]) > 0.3 and "█" in first_row[4]
+    assert first_row[3] == ""  # the calibrated score: none, the test rows have no similarity statistics
     assert external == [], f"the page tried to reach the network: {external}"
