@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +146,17 @@ def exit_code(oks: Iterable[bool]) -> int:
         (0, 1)
     """
     return 0 if all(oks) else 1
+
+
+def run_clients(worker: Callable[[int], None], clients: int) -> float:
+    """Run ``worker(0) ... worker(clients - 1)`` in threads at once; the wall seconds until all have ended."""
+    import threading
+    import time
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start

@@ -31,11 +31,19 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from _common import TOPICS, check_switching, exit_code, met, print_table, publish_registry, use_fresh_hf_home
+from _common import (
+    TOPICS,
+    check_switching,
+    exit_code,
+    met,
+    print_table,
+    publish_registry,
+    run_clients,
+    use_fresh_hf_home,
+)
 
 
 def main() -> int:
@@ -128,13 +136,7 @@ def main() -> int:
                                                              max_tokens=args.new_tokens, temperature=0)
                         tokens[i] = response.usage.completion_tokens
 
-                start = time.perf_counter()
-                threads = [threading.Thread(target=worker, args=(c,)) for c in range(args.concurrency)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                seconds = time.perf_counter() - start
+                seconds = run_clients(worker, args.concurrency)
                 after = engine.stats.snapshot()
                 mean_batch = (after["batched_requests"] - before["batched_requests"]) / max(
                     1, after["batches"] - before["batches"])

@@ -34,12 +34,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
-from _common import TOPICS, exit_code, met, print_table, publish_registry, use_fresh_hf_home
+from _common import TOPICS, exit_code, met, print_table, publish_registry, run_clients, use_fresh_hf_home
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,14 +150,9 @@ def main() -> int:
                         wrong[i] = int([e["expert_id"] for e in moin["experts"]] != [topic])
                         route_ms.setdefault(label.split(":")[0], []).append(moin["route_ms"])
 
-            start = time.perf_counter()
-            threads = [threading.Thread(target=worker, args=(c,)) for c in range(args.concurrency)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            seconds = run_clients(worker, args.concurrency)
             misrouted[label] = sum(wrong)
-            return sum(tokens) / (time.perf_counter() - start)
+            return sum(tokens) / seconds
 
         def three_streams(url: str, name: str, direct: dict[str, str] | None, base: str) -> None:
             """base / single / mixed streams through one server (``direct``: adapter names, else routed)."""
