@@ -59,6 +59,39 @@ def test_a_mixture_is_exactly_the_weighted_sum_of_the_experts(tmp_path, tiny_bas
         apply_mixture(model, Mixture(("astronomy",), (1.0,), "top1"))
 
 
+def test_weighted_experts_run_the_same_mixture_without_building_it(tmp_path, tiny_base, embedder):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from moin_hub.pipeline.modes import weighted_experts
+
+    dirs = {topic: _helpers.write_expert(tmp_path / topic, tiny_base, embedder, topic, base_repo=BASE_REPO, seed=i)
+            for i, topic in enumerate(("cooking", "football", "astronomy"))}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(dirs["cooking"]),
+                                      adapter_name=adapter_name("cooking"))
+    for topic in ("football", "astronomy"):
+        model.load_adapter(str(dirs[topic]), adapter_name=adapter_name(topic))
+    model.eval()
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    mixture = Mixture(("football", "astronomy", "cooking"), (0.5, 0.3, 0.2), "topk")
+    with torch.no_grad():
+        apply_mixture(model, mixture)  # PEFT's `cat` adapter, built
+        built = model(input_ids=ids).logits
+        scalings = dict(layer.scaling)
+        model.set_adapter(adapter_name("football"))
+        single = model(input_ids=ids).logits
+        with weighted_experts(model, mixture):
+            mixed = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(mixed, built, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(mixed, single, atol=1e-4)  # the mixture is no single expert
+    torch.testing.assert_close(after, single)  # scalings and the active adapter are given back
+    assert layer.scaling == scalings and model.active_adapter == adapter_name("football")
+    with pytest.raises(KeyError, match="moin__nope"), weighted_experts(model, Mixture(("nope",), (1.0,), "top1")):
+        pass
+
+
 def test_calibrated_temperature_recovers_the_one_that_made_the_labels():
     import numpy as np
 

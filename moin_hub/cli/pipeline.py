@@ -232,7 +232,7 @@ def evaluate_command(workdir: Path, seq_len: int, max_docs_per_topic: int | None
     arrow = ArrowSpec(top_k=arrow_top_k, temperature=arrow_temperature, gap=arrow_gap)
     report = evaluate(workdir, endpoint=endpoint, token=token, seq_len=seq_len, max_docs_per_topic=max_docs_per_topic,
                       modes=modes, k=k, temperature=temperature, mass=mass, threshold=threshold, arrow=arrow,
-                      plots=not no_plots)
+                      plots=not no_plots, progress=output_format == "text")
     emit(output_format, report, lambda: format_report(report))
 
 

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import InvalidExpertError
 from ..hub.arrow import ArrowSpec
 from ..hub.config import ADAPTER_WEIGHTS_FILENAME
 from ..hub.expert import refuse_pickles
 from ..hub.loading import adapter_name, quiet_peft
-from ..hub.mixing import MIXTURE_SLOT, MODES
+from ..hub.mixing import MODES
 from .modes import (
     BASE_MODE,
     DENSE_ROW,
@@ -176,7 +177,7 @@ def evaluate_experts(base_model: torch.nn.Module, tokenizer: Any, expert_dirs: M
                      k: int = 3, temperature: float = 0.05, mass: float = 0.8, threshold: float | None = None,
                      dense_dir: str | Path | None = None, seed_dir: str | Path | None = None,
                      arrow: ArrowSpec | None = None, seq_len: int = 256, batch_size: int = 8,
-                     bf16: BF16 = "auto") -> dict[str, Any]:
+                     bf16: BF16 = "auto", progress: bool = False) -> dict[str, Any]:
     """Per-topic perplexity of the base model, of the topic's own expert (oracle), and of routed experts.
 
     All experts are loaded as adapters on ONE copy of ``base_model`` (names ``moin__<expert_id>``) and
@@ -201,6 +202,7 @@ def evaluate_experts(base_model: torch.nn.Module, tokenizer: Any, expert_dirs: M
         seed_dir: optional folder of branch-train's shared seed, scored as the ``seed`` row of ``modes``.
         arrow: Arrow's top-k, temperature and adaptive gap (default :class:`~moin_hub.hub.arrow.ArrowSpec`).
         seq_len / batch_size / bf16: as in :func:`perplexity`.
+        progress: show progress bars (topics scored in blocks, then (mixture, text) pairs of the modes).
 
     Returns:
         ``{"topics": {topic_id: scores}, "overall": scores}``. ``scores`` holds ``base_ppl``, ``oracle_ppl``,
@@ -247,14 +249,12 @@ def evaluate_experts(base_model: torch.nn.Module, tokenizer: Any, expert_dirs: M
     try:
         nlls = {topic: _topic_nll(model, tokenizer, topic, texts, topic in expert_dirs, routed.get(topic), kw,
                                   has_dense=dense_dir is not None)
-                for topic, texts in eval_sets.items()}
+                for topic, texts in tqdm(eval_sets.items(), desc="Scoring topics", unit="topic",
+                                         disable=not progress)}
         mode_stats = score_modes(model, tokenizer, eval_sets, ranked or {}, rows, mixing, kw,
-                                 experts=list(expert_dirs), slots=slots, arrow=arrow) if rows else {}
+                                 experts=list(expert_dirs), slots=slots, arrow=arrow, progress=progress) if rows else {}
     finally:
         if model is not base_model:
-            if MIXTURE_SLOT in model.peft_config:  # the mixture is not one of the loaded experts: drop it first
-                model.set_adapter(next(slot for slot in model.peft_config if slot != MIXTURE_SLOT))
-                model.delete_adapter(MIXTURE_SLOT)
             model.unload()
     topics = {}
     for topic, topic_nlls in nlls.items():

@@ -8,9 +8,12 @@ Rows of the table (``report["perplexity"][...]["modes"]``):
   ``dense`` (one LoRA on all topics, same total tokens) and ``seed`` (branch-train's shared seed), when given.
 
 Each text is scored on its own first ``seq_len`` tokens (:func:`~moin_hub.pipeline.scoring.texts_nlls`), so
-every row scores the same tokens. Each distinct mixture is made active once, and each (mixture, text) pair
-is scored once however many rows share it (``top1`` and ``oracle`` agree on most texts; ``adaptive`` often
-picks one expert, as ``top1`` does).
+every row scores the same tokens. Each distinct mixture is made active once for all topics, and each
+(mixture, text) pair is scored once however many rows share it (``top1`` and ``oracle`` agree on most texts;
+``adaptive`` often picks one expert, as ``top1`` does). A mixture of several experts runs them all active at
+once with each LoRA update scaled by its weight (:func:`weighted_experts`): the same ``sum_i w_i * delta_i`` as
+the ``cat`` adapter :func:`~moin_hub.hub.mixing.apply_mixture` builds, without building one per text (topk
+mixtures are nearly all distinct, and building each one cost more than scoring its text).
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ..hub.arrow import ArrowSpec, ArrowStats, arrow_lora
 from ..hub.loading import adapter_name
-from ..hub.mixing import MIXTURE_SLOT, MODES, Mixture, apply_mixture, mix_weights
+from ..hub.mixing import MODES, Mixture, mix_weights
 from .scoring import texts_nlls
 
 #: The routing modes ``evaluate`` scores: the query-level ones of :mod:`moin_hub.hub.mixing`, and ``arrow``.
@@ -94,11 +99,45 @@ def _mixed(model: Any, key: Key, slots: Mapping[str, str], arrow: tuple[list[str
     elif not key:
         with _using(model, None):
             yield
-    else:
-        if len(key) > 1 and model.active_adapter == MIXTURE_SLOT:  # replacing the active slot would warn
-            model.set_adapter(adapter_name(key[0][0]))
-        apply_mixture(model, _mixture_of(key))
+    elif len(key) == 1:
+        model.set_adapter(adapter_name(key[0][0]))
         yield
+    else:
+        with weighted_experts(model, _mixture_of(key)):
+            yield
+
+
+@contextlib.contextmanager
+def weighted_experts(model: Any, mixture: Mixture) -> Iterator[Any]:
+    """Run ``model`` (a PeftModel holding each expert as ``moin__<id>``) with ``mixture``'s experts all active,
+    each one's LoRA scaling multiplied by its weight: every LoRA layer adds ``sum_i w_i * scaling_i * B_i A_i x``,
+    exactly the update of the ``cat`` adapter :func:`~moin_hub.hub.mixing.apply_mixture` builds, with no new
+    adapter. The scalings and the active adapter are given back on exit.
+
+    Raises:
+        KeyError: an expert of the mixture is not loaded in ``model``.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    slots = [adapter_name(e) for e in mixture.experts]
+    missing = [s for s in slots if s not in model.peft_config]
+    if missing:
+        raise KeyError(f"experts not loaded in the model: {missing}")
+    previous = model.active_adapter
+    saved = []
+    try:
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                for slot, weight in zip(slots, mixture.weights, strict=True):
+                    if slot in module.scaling:
+                        saved.append((module, slot, module.scaling[slot]))
+                        module.scaling[slot] = module.scaling[slot] * weight
+        model.base_model.set_adapter(slots, inference_mode=True)
+        yield model
+    finally:
+        for module, slot, scaling in saved:
+            module.scaling[slot] = scaling
+        model.base_model.set_adapter(previous, inference_mode=True)
 
 
 def _empty() -> dict[str, Any]:
@@ -123,7 +162,7 @@ def _text_key(row: str, topic: str, candidates: Candidates | None, mixing: dict[
 def score_modes(model: Any, tokenizer: Any, eval_sets: Mapping[str, Sequence[str]],
                 ranked: Mapping[str, Sequence[Candidates]], rows: Sequence[str], mixing: dict[str, Any],
                 kw: dict[str, Any], *, experts: Sequence[str], slots: Mapping[str, str] | None = None,
-                arrow: ArrowSpec | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+                arrow: ArrowSpec | None = None, progress: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
     """``{topic: {row: stats}}`` for the routing modes and reference rows in ``rows``.
 
     Args:
@@ -136,6 +175,7 @@ def score_modes(model: Any, tokenizer: Any, eval_sets: Mapping[str, Sequence[str
         experts: the expert ids Arrow mixes (and ``oracle`` may use).
         slots: adapter slot of ``dense`` / ``seed``.
         arrow: Arrow's top-k, temperature and adaptive gap.
+        progress: show a bar counting the (mixture, text) pairs scored.
 
     Returns:
         Per topic and row: summed NLL and tokens, experts summed over texts, texts, texts left to the base,
@@ -158,18 +198,22 @@ def score_modes(model: Any, tokenizer: Any, eval_sets: Mapping[str, Sequence[str
                 st["texts"] += 1
                 st["base_only"] += key == ()
                 st["mixtures"].add(key)
-    for key, topics in plans.items():
-        for topic, by_text in topics.items():
+    total = sum(len(by_text) for topics in plans.values() for by_text in topics.values())
+    with tqdm(total=total, desc="Scoring modes", unit="text", disable=not progress) as bar:
+        for key, topics in plans.items():
             arrow_stats = ArrowStats()
-            with _mixed(model, key, slots, arrow_setup, arrow_stats):
-                nlls = texts_nlls(model, tokenizer, [eval_sets[topic][i] for i in by_text], **kw)
-            for (nll, n_tokens), text_rows in zip(nlls, by_text.values(), strict=True):
-                for row in text_rows:
-                    stats[topic][row]["nll"] += nll
-                    stats[topic][row]["tokens"] += n_tokens
-            if key == ARROW_MODE:
-                stats[topic][ARROW_MODE]["decisions"] += arrow_stats.decisions
-                stats[topic][ARROW_MODE]["token_experts"] += arrow_stats.experts
+            with _mixed(model, key, slots, arrow_setup, arrow_stats):  # once for every topic: Arrow's SVDs too
+                for topic, by_text in topics.items():
+                    decisions, token_experts = arrow_stats.decisions, arrow_stats.experts
+                    nlls = texts_nlls(model, tokenizer, [eval_sets[topic][i] for i in by_text], **kw)
+                    for (nll, n_tokens), text_rows in zip(nlls, by_text.values(), strict=True):
+                        for row in text_rows:
+                            stats[topic][row]["nll"] += nll
+                            stats[topic][row]["tokens"] += n_tokens
+                    if key == ARROW_MODE:
+                        stats[topic][ARROW_MODE]["decisions"] += arrow_stats.decisions - decisions
+                        stats[topic][ARROW_MODE]["token_experts"] += arrow_stats.experts - token_experts
+                    bar.update(len(by_text))
     return stats
 
 

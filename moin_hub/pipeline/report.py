@@ -39,7 +39,8 @@ from .workspace import (
 def evaluate(workdir: str | os.PathLike, *, endpoint: str | None = None, token: str | bool | None = None,
              seq_len: int = 256, batch_size: int = 8, max_docs_per_topic: int | None = None,
              modes: Sequence[str] = EVAL_MODES, k: int = 3, temperature: float | None = None, mass: float = 0.8,
-             threshold: float | None = None, arrow: ArrowSpec | None = None, plots: bool = True) -> dict[str, Any]:
+             threshold: float | None = None, arrow: ArrowSpec | None = None, plots: bool = True,
+             progress: bool = True) -> dict[str, Any]:
     """Held-out perplexity per topic of base, routed expert, oracle expert and dense baseline, and of each
     routing mode, plus routing accuracy; writes ``report.json`` and the plots.
 
@@ -69,6 +70,7 @@ def evaluate(workdir: str | os.PathLike, *, endpoint: str | None = None, token: 
             below ``threshold`` a query gets the base model. ``temperature=None``: calibrated.
         arrow: Arrow's top-k, temperature and adaptive gap (default :class:`~moin_hub.hub.arrow.ArrowSpec`).
         plots: write the PNG plots.
+        progress: show progress bars while scoring.
 
     Returns:
         The report, as written to ``<workdir>/report.json``.
@@ -117,7 +119,7 @@ def evaluate(workdir: str | os.PathLike, *, endpoint: str | None = None, token: 
                               modes=modes, k=k, temperature=temperature, mass=mass, threshold=threshold,
                               seq_len=seq_len, batch_size=batch_size, arrow=arrow,
                               dense_dir=dense_dir if is_finished(dense_dir) else None,
-                              seed_dir=seed_dir if is_finished(seed_dir) else None)
+                              seed_dir=seed_dir if is_finished(seed_dir) else None, progress=progress)
     seconds = time.perf_counter() - start
     report = {
         "workspace": str(workdir), "base_model": workspace.base_model.to_dict(),
