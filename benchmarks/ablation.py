@@ -38,9 +38,9 @@ from pathlib import Path
 
 from _common import exit_code, met
 
-FULL = {"max_files": 100, "total_tokens": 32_768, "eval_docs": 64, "eval_seq_len": 256, "ks": "1,2,4,8,16",
-        "fractions": "0,0.25,0.5,0.75", "targets": "q_proj+v_proj,all-linear"}
-QUICK = {"max_files": 24, "total_tokens": 8_192, "eval_docs": 16, "eval_seq_len": 128, "ks": "1,2,4",
+FULL = {"max_files": 100, "total_tokens": 16_384, "seq_len": 128, "eval_docs": 48, "eval_seq_len": 128,
+        "ks": "1,2,4,8,16", "fractions": "0,0.25,0.5,0.75", "targets": "q_proj+v_proj,all-linear"}
+QUICK = {"max_files": 24, "total_tokens": 8_192, "seq_len": 256, "eval_docs": 16, "eval_seq_len": 128, "ks": "1,2,4",
          "fractions": "0,0.75", "targets": "q_proj+v_proj"}
 
 
@@ -118,7 +118,7 @@ def main() -> int:
     ks = [int(k) for k in args.ks.split(",")]
     fractions = [float(f) for f in args.fractions.split(",")]
     target_sets = [tuple(t.split("+")) for t in args.targets.split(",")]
-    tokens_per_step = 2 * 256
+    tokens_per_step = 2 * args.seq_len
     if args.total_tokens % (tokens_per_step * max(ks) * 4):
         raise SystemExit(f"--total-tokens must be a multiple of {tokens_per_step * max(ks) * 4} so that every k "
                          "splits it into whole steps (and quarter seeds).")
@@ -146,8 +146,8 @@ def main() -> int:
         kw = {"base_model_id": base.repo_id, "base_revision": base.revision, "progress": False}
         for targets in target_sets:
             label = "+".join(targets)
-            common = {"rank": 8, "alpha": 16.0, "learning_rate": 1e-3, "batch_size": 2, "eval_max_tokens": 1024,
-                      "target_modules": targets}
+            common = {"rank": 8, "alpha": 16.0, "learning_rate": 1e-3, "batch_size": 2, "seq_len": args.seq_len,
+                      "eval_max_tokens": 1024, "target_modules": targets}
             # k = 1: the dense LoRA, T tokens on every training document
             t0 = time.perf_counter()
             jobs = make_jobs(first)  # the dense LoRA trains len(jobs) x tokens_per_expert = T on all of them
@@ -220,7 +220,8 @@ def print_rows(args: argparse.Namespace, rows: list[dict], refs: dict, checks: d
     def f2(x: float | None) -> str:
         return "-" if x is None else f"{x:.2f}"
 
-    print(f"ablation (Brown, {args.max_files} files; T = {args.total_tokens} training tokens per configuration; "
+    print(f"ablation (Brown, {args.max_files} files; T = {args.total_tokens} training tokens per configuration "
+          f"in steps of 2 x {args.seq_len} tokens; "
           f"{args.eval_docs} held-out documents x {args.eval_seq_len} tokens; base {refs['base']:.2f})")
     head = ["targets", "k", "seed f", "top1", "topk", "adaptive", "arrow", "oracle", "best/dense", "route acc",
             "temp", "train s"]
