@@ -38,8 +38,8 @@ from pathlib import Path
 
 from _common import exit_code, met
 
-FULL = {"max_files": 100, "total_tokens": 16_384, "seq_len": 128, "eval_docs": 48, "eval_seq_len": 128,
-        "ks": "1,2,4,8,16", "fractions": "0,0.25,0.5,0.75", "targets": "q_proj+v_proj,all-linear"}
+FULL = {"max_files": 100, "total_tokens": 16_384, "seq_len": 128, "eval_docs": 32, "eval_seq_len": 128,
+        "ks": "1,2,4,8,16", "fractions": "0,0.25,0.5", "targets": "q_proj+v_proj,all-linear"}
 QUICK = {"max_files": 24, "total_tokens": 8_192, "seq_len": 256, "eval_docs": 16, "eval_seq_len": 128, "ks": "1,2,4",
          "fractions": "0,0.75", "targets": "q_proj+v_proj"}
 
@@ -147,7 +147,7 @@ def main() -> int:
         for targets in target_sets:
             label = "+".join(targets)
             common = {"rank": 8, "alpha": 16.0, "learning_rate": 1e-3, "batch_size": 2, "seq_len": args.seq_len,
-                      "eval_max_tokens": 1024, "target_modules": targets}
+                      "eval_max_tokens": args.seq_len, "target_modules": targets}  # cards' figure: one block
             # k = 1: the dense LoRA, T tokens on every training document
             t0 = time.perf_counter()
             jobs = make_jobs(first)  # the dense LoRA trains len(jobs) x tokens_per_expert = T on all of them
