@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -126,8 +127,14 @@ def test_train_executor_ray(hub, tmp_path, monkeypatch):
     assert code == 0, err
     trained = json.loads(out)
     assert sorted(trained["experts"]) == sorted(trained["trained"]) == ["topic-00", "topic-01"]
+    # branch-train on Ray (the default seed fraction): the seed trained first, each expert branched from it
+    seed = work / "seed" / "adapter_model.safetensors"
+    assert trained["seed"] and seed.is_file()
+    seed_sha = hashlib.sha256(seed.read_bytes()).hexdigest()
     for expert in trained["experts"]:
         assert (work / "experts" / expert / "adapter_model.safetensors").is_file()
+        record = json.loads((work / "experts" / expert / "training.json").read_text())
+        assert record["phase"]["name"] == "branch" and record["seed"]["sha256"] == seed_sha
 
 
 @pytest.mark.slow
