@@ -134,8 +134,11 @@ def cluster(hub, ray_registry, tmp_path_factory):
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
     port = free_port()
     mp = pytest.MonkeyPatch()
-    # the raylet, and so every replica, inherits the driver's environment at ray.init
-    for name, value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "HF_HOME": str(home),
+    # the raylet, and so every replica, inherits the driver's environment at ray.init. Serve's controller kills
+    # a proxy that is not ready within 5 s (then serve.start fails with ActorDiedError): on a loaded 2-core
+    # machine starting one takes longer, so the ready and health checks get a minute.
+    for name, value in {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+                        "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "HF_HOME": str(home),
                         "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                         "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
                         "OMP_NUM_THREADS": "1"}.items():

@@ -148,7 +148,8 @@ def test_ray_serve_run_app_builder(hub, topic_registry, tmp_path):
             pytest.fail("port 8000 is taken: `serve run` needs it for its HTTP proxy")
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay short
     env = subprocess_env(hub.url, tmp_path / "home", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
-                         OMP_NUM_THREADS="1", RAY_TMPDIR=str(temp))
+                         OMP_NUM_THREADS="1", RAY_TMPDIR=str(temp), RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S="60",
+                         RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S="60")  # see tests/test_ray_serve.py's cluster
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([str(serve), "run", "moin_hub.serving.ray_serve:app_builder", f"registry_id={topic_registry}",
                              f"endpoint={hub.url}", "replicas=1", "replica_num_cpus=0.5", "ingress_num_cpus=0.5"],
