@@ -196,6 +196,9 @@ def main() -> int:
                                  **{m: modes[m]["ppl"] for m in ("top1", "topk", "adaptive", "arrow", "oracle", "base")},
                                  "arrow_experts_per_token": modes["arrow"]["experts_per_token"]})
                     checks[f"top1 below base {label} k={k} f={f:g}"] = modes["top1"]["ppl"] < modes["base"]["ppl"]
+                    if args.json:  # what is measured so far survives an interrupted run
+                        args.json.write_text(json.dumps({"partial": True, "rows": rows, "references": refs,
+                                                         "checks": checks}, indent=2))
                     print(f"[{time.perf_counter() - started:6.0f} s] {label} k={k} f={f:g}: top1 "
                           f"{modes['top1']['ppl']:.2f} dense {refs[f'dense {label}']:.2f}", file=sys.stderr, flush=True)
     finally:

@@ -50,3 +50,25 @@ def test_each_benchmark_reports_and_exits_through_the_helpers(script):
     assert "met" in calls, f"{script}: targets must be printed with met(...)"
     text = (BENCHMARKS / script).read_text(encoding="utf-8")
     assert "'yes' if" not in text and "def met" not in text
+
+
+def test_the_second_corpus_builder_keeps_long_docstrings_per_package(tmp_path):
+    """benchmarks/_pydocs_corpus.py: long docstrings of each named package, labelled by package, tests skipped."""
+    import json
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    long_doc = " ".join(f"word{i}" for i in range(40))
+    for package in ("alpha", "beta"):
+        (site / package / "tests").mkdir(parents=True)
+        (site / package / "core.py").write_text(f'"""{long_doc}"""\n\ndef f():\n    """too short"""\n\n'
+                                                f'class C:\n    """{package} {long_doc}"""\n')
+        (site / package / "tests" / "test_core.py").write_text(f'"""{long_doc}"""\n')
+    out = tmp_path / "corpus.jsonl"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "_pydocs_corpus.py"), str(out), "--site-packages",
+                           str(site), "--packages", "alpha,beta", "--max-words", "10"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((r["label"], r["source"]) for r in rows) == [("alpha", "alpha/core.py")] * 2 + [("beta", "beta/core.py")] * 2
+    assert all(len(r["text"].split()) == 10 for r in rows)
